@@ -1,0 +1,369 @@
+#include "file.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <string>
+
+namespace snapstream {
+
+namespace {
+
+constexpr unsigned kMaxThreads = 4;
+// IOV_MAX on Linux; one pwritev can take no more.
+constexpr uint32_t kMaxIovecs = 1024;
+
+int64_t ToOffset(const Napi::Value& v, const char* what) {
+  if (!v.IsNumber()) throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  // 2^53: beyond it a JS number cannot name every byte.
+  if (!(d >= 0) || d > 9007199254740991.0 || std::floor(d) != d) {
+    throw Napi::RangeError::New(v.Env(), std::string(what) + " must be a non-negative safe integer");
+  }
+  return static_cast<int64_t>(d);
+}
+
+void RequireFunction(const Napi::Value& v) {
+  if (!v.IsFunction()) throw Napi::TypeError::New(v.Env(), "callback must be a function");
+}
+
+// Views a TypedArray's bytes. The caller keeps the array referenced.
+uint8_t* ViewBytes(const Napi::Value& v, size_t* length) {
+  if (!v.IsTypedArray()) throw Napi::TypeError::New(v.Env(), "buffer must be a TypedArray");
+  auto ta = v.As<Napi::TypedArray>();
+  auto ab = ta.ArrayBuffer();
+  *length = ta.ByteLength();
+  return static_cast<uint8_t*>(ab.Data()) + ta.ByteOffset();
+}
+
+Napi::Object Describe(Napi::Env env, Op* op) {
+  Napi::Object o = Napi::Object::New(env);
+  switch (op->kind) {
+    case OpKind::Open: {
+      const OpenFacts& f = op->openFacts;
+      o.Set("fd", f.fd);
+      o.Set("directInEffect", f.directInEffect);
+      o.Set("isBlockDevice", f.isBlockDevice);
+      o.Set("isRegular", f.isRegular);
+      o.Set("size", static_cast<double>(f.size));
+      o.Set("dioReported", f.dioReported);
+      o.Set("dioMemAlign", f.dioMemAlign);
+      o.Set("dioOffsetAlign", f.dioOffsetAlign);
+      o.Set("logicalBlockSize", f.logicalBlockSize);
+      o.Set("blockSize", f.blockSize);
+      o.Set("fsType", static_cast<double>(f.fsType));
+      break;
+    }
+    case OpKind::GetLock:
+      o.Set("type", op->lockFacts.type);
+      o.Set("pid", static_cast<double>(op->lockFacts.pid));
+      break;
+    case OpKind::Stat:
+      o.Set("size", static_cast<double>(op->statFacts.size));
+      o.Set("blocks", static_cast<double>(op->statFacts.blocks));
+      o.Set("blockSize", op->statFacts.blockSize);
+      break;
+    default:
+      break;
+  }
+  return o;
+}
+
+}  // namespace
+
+Napi::Function NativeFile::Init(Napi::Env env) {
+  return DefineClass(env, "NativeFile",
+                     {
+                         InstanceMethod<&NativeFile::Open>("open"),
+                         InstanceMethod<&NativeFile::Write>("write"),
+                         InstanceMethod<&NativeFile::WriteVector>("writev"),
+                         InstanceMethod<&NativeFile::Read>("read"),
+                         InstanceMethod<&NativeFile::DataSync>("datasync"),
+                         InstanceMethod<&NativeFile::Truncate>("truncate"),
+                         InstanceMethod<&NativeFile::Allocate>("fallocate"),
+                         InstanceMethod<&NativeFile::GetLock>("getlk"),
+                         InstanceMethod<&NativeFile::SetLock>("setlk"),
+                         InstanceMethod<&NativeFile::Stat>("fstat"),
+                         InstanceMethod<&NativeFile::Close>("close"),
+                         InstanceMethod<&NativeFile::Dispose>("dispose"),
+                         InstanceMethod<&NativeFile::Pending>("pending"),
+                     });
+}
+
+NativeFile::NativeFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeFile>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() > 0 && info[0].IsNumber()) {
+    int64_t n = info[0].As<Napi::Number>().Int64Value();
+    if (n < 1 || n > kMaxThreads) throw Napi::RangeError::New(env, "threads must be between 1 and 4");
+    threadCount_ = static_cast<unsigned>(n);
+  }
+  tsfn_ = Napi::TypedThreadSafeFunction<NativeFile, Op, Complete>::New(env, "snapstream.io", 0, 1, this);
+  tsfn_.Unref(env);  // only pending operations keep the event loop alive
+  for (unsigned i = 0; i < threadCount_; i++) workers_.emplace_back([this] { WorkerLoop(); });
+}
+
+NativeFile::~NativeFile() {
+  StopWorkers();
+  // A file that was never closed through close(): release the descriptor so a
+  // garbage-collected stream cannot leak it.
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void NativeFile::StopWorkers() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : workers_) {
+    if (t.joinable()) t.join();
+  }
+  // Operations that never ran (only possible if dispose raced a submit).
+  for (Op* op : queue_) delete op;
+  queue_.clear();
+  if (!disposed_) {
+    disposed_ = true;
+    tsfn_.Release();
+  }
+}
+
+void NativeFile::WorkerLoop() {
+  for (;;) {
+    Op* op = nullptr;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping and drained
+      op = queue_.front();
+      queue_.pop_front();
+    }
+    Execute(op);
+    if (tsfn_.NonBlockingCall(op) != napi_ok) {
+      // The environment is going away; nobody is left to receive the result.
+      delete op;
+    }
+  }
+}
+
+void NativeFile::Execute(Op* op) {
+  int fd = fd_;
+  switch (op->kind) {
+    case OpKind::Open:
+      op->result = OpenFile(op->open, &op->openFacts);
+      break;
+    case OpKind::Write:
+      op->result = WriteFull(fd, op->data, op->length, op->offset);
+      break;
+    case OpKind::WriteVector:
+      op->result = WriteVectorFull(fd, std::move(op->iov), op->offset);
+      break;
+    case OpKind::Read:
+      op->result = ReadFull(fd, op->data, op->length, op->offset);
+      break;
+    case OpKind::DataSync:
+      op->result = snapstream::DataSync(fd);
+      break;
+    case OpKind::Truncate:
+      op->result = snapstream::Truncate(fd, op->extent);
+      break;
+    case OpKind::Allocate:
+      op->result = snapstream::Allocate(fd, op->mode, op->offset, op->extent);
+      break;
+    case OpKind::GetLock:
+      op->result = snapstream::GetLock(fd, op->offset, op->extent, op->mode, &op->lockFacts);
+      break;
+    case OpKind::SetLock:
+      op->result = snapstream::SetLock(fd, op->offset, op->extent, op->mode);
+      break;
+    case OpKind::Stat:
+      op->result = snapstream::Stat(fd, &op->statFacts);
+      break;
+    case OpKind::Close:
+      op->result = CloseFile(fd);
+      break;
+  }
+}
+
+// Runs on the JS thread.
+void NativeFile::Complete(Napi::Env env, Napi::Function, NativeFile* self, Op* op) {
+  std::unique_ptr<Op> owned(op);
+  if (env == nullptr) return;  // environment torn down
+  if (op->kind == OpKind::Open && op->result.error == 0) self->fd_ = op->openFacts.fd;
+  if (op->kind == OpKind::Close) self->fd_ = -1;
+  if (--self->pending_ == 0 && !self->disposed_) self->tsfn_.Unref(env);
+  Napi::HandleScope scope(env);
+  Napi::Value details = Describe(env, op);
+  Napi::Function cb = op->callback.Value();
+  op->keepAlive.Reset();
+  // A throwing callback must not take the process down from inside a
+  // completion; the TypeScript layer never throws here, and if it did the
+  // exception surfaces as an ordinary uncaught exception.
+  cb.Call({Napi::Number::New(env, op->result.error), Napi::Number::New(env, static_cast<double>(op->result.bytes)),
+           Napi::String::New(env, op->result.syscall), details});
+}
+
+void NativeFile::Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback) {
+  if (disposed_) throw Napi::Error::New(env, "file is disposed");
+  if (op->kind != OpKind::Open && fd_ < 0) throw Napi::Error::New(env, "file is not open");
+  op->callback = Napi::Persistent(callback.As<Napi::Function>());
+  if (pending_++ == 0) tsfn_.Ref(env);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queue_.push_back(op.release());
+  }
+  wake_.notify_one();
+}
+
+Napi::Value NativeFile::Open(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (fd_ >= 0) throw Napi::Error::New(env, "file is already open");
+  if (info.Length() < 3 || !info[0].IsString() || !info[1].IsObject()) throw Napi::TypeError::New(env, "open(path, flags, cb)");
+  RequireFunction(info[2]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Open;
+  Napi::Object f = info[1].As<Napi::Object>();
+  op->open.path = info[0].As<Napi::String>().Utf8Value();
+  if (op->open.path.find('\0') != std::string::npos) throw Napi::TypeError::New(env, "path contains a NUL byte");
+  op->open.write = f.Get("write").ToBoolean();
+  op->open.create = f.Get("create").ToBoolean();
+  op->open.exclusive = f.Get("exclusive").ToBoolean();
+  op->open.truncate = f.Get("truncate").ToBoolean();
+  op->open.direct = f.Get("direct").ToBoolean();
+  Napi::Value mode = f.Get("mode");
+  op->open.mode = mode.IsNumber() ? (mode.As<Napi::Number>().Int32Value() & 07777) : 0600;
+  Submit(env, std::move(op), info[2]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::Write(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3) throw Napi::TypeError::New(env, "write(buffer, position, cb)");
+  RequireFunction(info[2]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Write;
+  op->data = ViewBytes(info[0], &op->length);
+  op->offset = ToOffset(info[1], "position");
+  op->keepAlive = Napi::Persistent(info[0].As<Napi::Object>());
+  Submit(env, std::move(op), info[2]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::WriteVector(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !info[0].IsArray()) throw Napi::TypeError::New(env, "writev(buffers, position, cb)");
+  RequireFunction(info[2]);
+  Napi::Array arr = info[0].As<Napi::Array>();
+  if (arr.Length() > kMaxIovecs * 64) throw Napi::RangeError::New(env, "too many buffers");
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::WriteVector;
+  op->iov.reserve(arr.Length());
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    size_t len = 0;
+    uint8_t* p = ViewBytes(arr.Get(i), &len);
+    op->iov.push_back(iovec{p, len});
+  }
+  op->offset = ToOffset(info[1], "position");
+  op->keepAlive = Napi::Persistent(arr.As<Napi::Object>());
+  Submit(env, std::move(op), info[2]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::Read(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3) throw Napi::TypeError::New(env, "read(buffer, position, cb)");
+  RequireFunction(info[2]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Read;
+  op->data = ViewBytes(info[0], &op->length);
+  op->offset = ToOffset(info[1], "position");
+  op->keepAlive = Napi::Persistent(info[0].As<Napi::Object>());
+  Submit(env, std::move(op), info[2]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::DataSync(const Napi::CallbackInfo& info) {
+  RequireFunction(info[0]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::DataSync;
+  Submit(info.Env(), std::move(op), info[0]);
+  return info.Env().Undefined();
+}
+
+Napi::Value NativeFile::Truncate(const Napi::CallbackInfo& info) {
+  RequireFunction(info[1]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Truncate;
+  op->extent = ToOffset(info[0], "length");
+  Submit(info.Env(), std::move(op), info[1]);
+  return info.Env().Undefined();
+}
+
+Napi::Value NativeFile::Allocate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "fallocate(mode, offset, length, cb)");
+  RequireFunction(info[3]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Allocate;
+  op->mode = info[0].As<Napi::Number>().Int32Value();
+  op->offset = ToOffset(info[1], "offset");
+  op->extent = ToOffset(info[2], "length");
+  Submit(env, std::move(op), info[3]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::GetLock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[2].IsNumber()) throw Napi::TypeError::New(env, "getlk(start, length, type, cb)");
+  RequireFunction(info[3]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::GetLock;
+  op->offset = ToOffset(info[0], "start");
+  op->extent = ToOffset(info[1], "length");
+  op->mode = info[2].As<Napi::Number>().Int32Value();
+  Submit(env, std::move(op), info[3]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::SetLock(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 4 || !info[2].IsNumber()) throw Napi::TypeError::New(env, "setlk(start, length, type, cb)");
+  RequireFunction(info[3]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::SetLock;
+  op->offset = ToOffset(info[0], "start");
+  op->extent = ToOffset(info[1], "length");
+  op->mode = info[2].As<Napi::Number>().Int32Value();
+  Submit(env, std::move(op), info[3]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::Stat(const Napi::CallbackInfo& info) {
+  RequireFunction(info[0]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Stat;
+  Submit(info.Env(), std::move(op), info[0]);
+  return info.Env().Undefined();
+}
+
+Napi::Value NativeFile::Close(const Napi::CallbackInfo& info) {
+  RequireFunction(info[0]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Close;
+  Submit(info.Env(), std::move(op), info[0]);
+  return info.Env().Undefined();
+}
+
+// Stops the threads. Only called once nothing is pending.
+Napi::Value NativeFile::Dispose(const Napi::CallbackInfo& info) {
+  if (pending_ != 0) throw Napi::Error::New(info.Env(), "dispose with operations pending");
+  StopWorkers();
+  return info.Env().Undefined();
+}
+
+Napi::Value NativeFile::Pending(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(pending_));
+}
+
+}  // namespace snapstream

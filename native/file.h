@@ -1,0 +1,88 @@
+// NativeFile: one open file and its own small pool of I/O threads.
+//
+// Why not libuv's pool: it has 4 threads shared with fs, dns, crypto and zlib.
+// Eight snapshot streams with two writes in flight each would occupy it
+// completely, and an unrelated fs.readFile would wait behind 4 MiB O_DIRECT
+// writes. Each NativeFile therefore owns its threads; completions come back to
+// the JS thread through one ThreadSafeFunction.
+//
+// Ordering: operations run in FIFO order on `threads` workers. With more than
+// one worker, two queued operations may run concurrently; the TypeScript layer
+// issues barriers (datasync, truncate, close) only when nothing else is queued.
+#pragma once
+
+#include <napi.h>
+
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "syscalls.h"
+
+namespace snapstream {
+
+enum class OpKind { Open, Write, WriteVector, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close };
+
+// Everything an operation needs, copied out of JS values before it is queued,
+// so that the worker never touches JavaScript.
+struct Op {
+  OpKind kind;
+  OpenRequest open;
+  uint8_t* data = nullptr;
+  size_t length = 0;
+  std::vector<iovec> iov;
+  int64_t offset = 0;
+  int64_t extent = 0;  // truncate length, fallocate/lock length
+  int mode = 0;        // fallocate mode, lock type
+  Napi::ObjectReference keepAlive;  // buffers stay referenced until completion
+  Napi::FunctionReference callback;
+  // Results, filled on the worker.
+  SysResult result;
+  OpenFacts openFacts;
+  LockFacts lockFacts;
+  StatFacts statFacts;
+};
+
+class NativeFile : public Napi::ObjectWrap<NativeFile> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit NativeFile(const Napi::CallbackInfo& info);
+  ~NativeFile() override;
+
+ private:
+  Napi::Value Open(const Napi::CallbackInfo& info);
+  Napi::Value Write(const Napi::CallbackInfo& info);
+  Napi::Value WriteVector(const Napi::CallbackInfo& info);
+  Napi::Value Read(const Napi::CallbackInfo& info);
+  Napi::Value DataSync(const Napi::CallbackInfo& info);
+  Napi::Value Truncate(const Napi::CallbackInfo& info);
+  Napi::Value Allocate(const Napi::CallbackInfo& info);
+  Napi::Value GetLock(const Napi::CallbackInfo& info);
+  Napi::Value SetLock(const Napi::CallbackInfo& info);
+  Napi::Value Stat(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value Pending(const Napi::CallbackInfo& info);
+
+  void Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback);
+  void WorkerLoop();
+  void Execute(Op* op);
+  static void Complete(Napi::Env env, Napi::Function unused, NativeFile* self, Op* op);
+  void StopWorkers();
+
+  int fd_ = -1;
+  unsigned threadCount_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<Op*> queue_;
+  bool stopping_ = false;
+  size_t pending_ = 0;  // JS thread only
+  bool disposed_ = false;
+  Napi::TypedThreadSafeFunction<NativeFile, Op, Complete> tsfn_;
+};
+
+}  // namespace snapstream

@@ -1,0 +1,230 @@
+#include "syscalls.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <limits.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+namespace snapstream {
+
+namespace {
+
+SysResult Fail(const char* syscall) {
+  SysResult r;
+  r.error = errno;
+  r.syscall = syscall;
+  return r;
+}
+
+SysResult Ok(int64_t bytes = 0) {
+  SysResult r;
+  r.bytes = bytes;
+  return r;
+}
+
+void ProbeDirectAlignment(const std::string& path, int fd, OpenFacts* facts) {
+  struct statx sx {};
+  // statx on the fd (AT_EMPTY_PATH) so we describe exactly what we opened.
+  if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) != 0) {
+    facts->dioReported = true;
+    facts->dioMemAlign = sx.stx_dio_mem_align;
+    facts->dioOffsetAlign = sx.stx_dio_offset_align;
+  }
+  (void)path;
+}
+
+}  // namespace
+
+SysResult OpenFile(const OpenRequest& req, OpenFacts* facts) {
+  int flags = O_CLOEXEC | (req.write ? O_RDWR : O_RDONLY);
+  if (req.create) flags |= O_CREAT;
+  if (req.exclusive) flags |= O_EXCL;
+  if (req.truncate) flags |= O_TRUNC;
+  if (req.direct) flags |= O_DIRECT;
+  int fd;
+  do {
+    fd = open(req.path.c_str(), flags, req.mode);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return Fail("open");
+
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    SysResult r = Fail("fstat");
+    close(fd);
+    return r;
+  }
+  if (S_ISDIR(st.st_mode)) {
+    close(fd);
+    errno = EISDIR;
+    return Fail("open");
+  }
+  facts->fd = fd;
+  facts->isRegular = S_ISREG(st.st_mode);
+  facts->isBlockDevice = S_ISBLK(st.st_mode);
+  facts->size = st.st_size;
+  facts->blockSize = static_cast<uint32_t>(st.st_blksize);
+  int fl = fcntl(fd, F_GETFL);
+  facts->directInEffect = fl >= 0 && (fl & O_DIRECT) != 0;
+  ProbeDirectAlignment(req.path, fd, facts);
+  if (facts->isBlockDevice) {
+    int sector = 0;
+    if (ioctl(fd, BLKSSZGET, &sector) == 0 && sector > 0) facts->logicalBlockSize = static_cast<uint32_t>(sector);
+    uint64_t bytes = 0;
+    if (ioctl(fd, BLKGETSIZE64, &bytes) == 0) facts->size = static_cast<int64_t>(bytes);
+  }
+  struct statfs sfs {};
+  if (fstatfs(fd, &sfs) == 0) facts->fsType = static_cast<int64_t>(sfs.f_type);
+  return Ok();
+}
+
+SysResult WriteFull(int fd, const uint8_t* data, size_t length, int64_t offset) {
+  size_t done = 0;
+  while (done < length) {
+    ssize_t n = pwrite(fd, data + done, length - done, offset + static_cast<int64_t>(done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      SysResult r = Fail("pwrite");
+      r.bytes = static_cast<int64_t>(done);
+      return r;
+    }
+    if (n == 0) {
+      // A zero-length write for a non-empty request means no progress is possible.
+      errno = ENOSPC;
+      SysResult r = Fail("pwrite");
+      r.bytes = static_cast<int64_t>(done);
+      return r;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return Ok(static_cast<int64_t>(done));
+}
+
+SysResult WriteVectorFull(int fd, std::vector<iovec> iov, int64_t offset) {
+  size_t first = 0;
+  int64_t done = 0;
+  while (first < iov.size()) {
+    int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = pwritev(fd, &iov[first], count, offset + done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      SysResult r = Fail("pwritev");
+      r.bytes = done;
+      return r;
+    }
+    if (n == 0) {
+      errno = ENOSPC;
+      SysResult r = Fail("pwritev");
+      r.bytes = done;
+      return r;
+    }
+    done += n;
+    // Skip fully written iovecs, then trim a partially written one.
+    size_t left = static_cast<size_t>(n);
+    while (first < iov.size() && left >= iov[first].iov_len) {
+      left -= iov[first].iov_len;
+      first++;
+    }
+    if (left > 0 && first < iov.size()) {
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  return Ok(done);
+}
+
+SysResult ReadFull(int fd, uint8_t* data, size_t length, int64_t offset) {
+  size_t done = 0;
+  while (done < length) {
+    ssize_t n = pread(fd, data + done, length - done, offset + static_cast<int64_t>(done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      SysResult r = Fail("pread");
+      r.bytes = static_cast<int64_t>(done);
+      return r;
+    }
+    if (n == 0) break;  // end of file
+    done += static_cast<size_t>(n);
+  }
+  return Ok(static_cast<int64_t>(done));
+}
+
+SysResult DataSync(int fd) {
+  int rc;
+  do {
+    rc = fdatasync(fd);
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? Ok() : Fail("fdatasync");
+}
+
+SysResult Truncate(int fd, int64_t length) {
+  int rc;
+  do {
+    rc = ftruncate(fd, length);
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? Ok() : Fail("ftruncate");
+}
+
+SysResult Allocate(int fd, int mode, int64_t offset, int64_t length) {
+  int rc;
+  do {
+    rc = fallocate(fd, mode, offset, length);
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? Ok(length) : Fail("fallocate");
+}
+
+static short LockType(int type) {
+  return type == 2 ? F_WRLCK : type == 1 ? F_RDLCK : F_UNLCK;
+}
+
+SysResult GetLock(int fd, int64_t start, int64_t length, int type, LockFacts* facts) {
+  struct flock fl {};
+  fl.l_type = LockType(type);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = start;
+  fl.l_len = length;
+  fl.l_pid = 0;  // required for OFD locks
+  if (fcntl(fd, F_OFD_GETLK, &fl) != 0) return Fail("fcntl(F_OFD_GETLK)");
+  facts->type = fl.l_type == F_WRLCK ? 2 : fl.l_type == F_RDLCK ? 1 : 0;
+  facts->pid = fl.l_pid;
+  return Ok();
+}
+
+SysResult SetLock(int fd, int64_t start, int64_t length, int type) {
+  struct flock fl {};
+  fl.l_type = LockType(type);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = start;
+  fl.l_len = length;
+  fl.l_pid = 0;
+  int rc;
+  do {
+    rc = fcntl(fd, F_OFD_SETLK, &fl);
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? Ok() : Fail("fcntl(F_OFD_SETLK)");
+}
+
+SysResult Stat(int fd, StatFacts* facts) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0) return Fail("fstat");
+  facts->size = st.st_size;
+  facts->blocks = st.st_blocks;
+  facts->blockSize = static_cast<uint32_t>(st.st_blksize);
+  if (S_ISBLK(st.st_mode)) {
+    uint64_t bytes = 0;
+    if (ioctl(fd, BLKGETSIZE64, &bytes) == 0) facts->size = static_cast<int64_t>(bytes);
+  }
+  return Ok();
+}
+
+SysResult CloseFile(int fd) {
+  // close() is not retried on EINTR: on Linux the descriptor is released anyway.
+  return close(fd) == 0 ? Ok() : Fail("close");
+}
+
+}  // namespace snapstream

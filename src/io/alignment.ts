@@ -1,0 +1,79 @@
+/**
+ * Alignment discovery and aligned memory.
+ *
+ * O_DIRECT needs the buffer address, the file offset and the length aligned.
+ * statx(STATX_DIOALIGN) reports both alignments on Linux >= 6.1 for the
+ * filesystems that implement it; block devices report their logical sector
+ * size via BLKSSZGET; 4096 is the safe default everywhere else (it is a
+ * multiple of every logical block size Linux supports up to 4 KiB sectors).
+ */
+import assert from 'node:assert/strict';
+import { addon, type OpenFacts } from './native.js';
+
+export const DEFAULT_ALIGNMENT = 4096;
+/** The largest alignment we accept from the kernel; anything larger is suspect. */
+export const MAX_ALIGNMENT = 1 << 20;
+
+/** Filesystems that accept O_DIRECT opens but keep the data in page cache. */
+const PAGE_CACHE_ONLY_FS = new Map<number, string>([
+  [0x01021994, 'tmpfs'], // tmpfs gained "trivial" O_DIRECT in Linux 6.6: still page cache
+  [0x858458f6, 'ramfs'],
+]);
+
+export interface DirectAlignment {
+  /** Required alignment of file offsets and lengths, bytes. */
+  offsetBytes: number;
+  /** Required alignment of buffer addresses, bytes. */
+  memoryBytes: number;
+}
+
+/** Why O_DIRECT cannot work for this file, or undefined when it can. */
+export function directUnsupportedReason(facts: OpenFacts): string | undefined {
+  const fs = PAGE_CACHE_ONLY_FS.get(facts.fsType);
+  if (fs !== undefined) return `${fs} has no device to bypass the page cache to`;
+  if (facts.dioReported && facts.dioOffsetAlign === 0) return 'the filesystem reports no direct I/O support';
+  if (!facts.isRegular && !facts.isBlockDevice) return 'only regular files and block devices support O_DIRECT';
+  return undefined;
+}
+
+export function directAlignment(facts: OpenFacts): DirectAlignment {
+  let offsetBytes = DEFAULT_ALIGNMENT;
+  let memoryBytes = DEFAULT_ALIGNMENT;
+  if (facts.dioReported && facts.dioOffsetAlign > 0) {
+    offsetBytes = facts.dioOffsetAlign;
+    memoryBytes = Math.max(facts.dioMemAlign, 1);
+  } else if (facts.isBlockDevice && facts.logicalBlockSize > 0) {
+    offsetBytes = facts.logicalBlockSize;
+    memoryBytes = facts.logicalBlockSize;
+  }
+  if (!isPowerOfTwo(offsetBytes) || offsetBytes > MAX_ALIGNMENT) offsetBytes = DEFAULT_ALIGNMENT;
+  if (!isPowerOfTwo(memoryBytes) || memoryBytes > MAX_ALIGNMENT) memoryBytes = DEFAULT_ALIGNMENT;
+  return { offsetBytes, memoryBytes };
+}
+
+export function isPowerOfTwo(n: number): boolean {
+  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+}
+
+export function alignUp(value: number, alignment: number): number {
+  return Math.ceil(value / alignment) * alignment;
+}
+
+export function alignDown(value: number, alignment: number): number {
+  return Math.floor(value / alignment) * alignment;
+}
+
+/**
+ * A zeroed Uint8Array of `length` bytes whose address is a multiple of
+ * `alignment`. The memory is an ordinary JS ArrayBuffer, over-allocated by
+ * `alignment` bytes; the addon tells how far into it the aligned window starts.
+ * ArrayBuffer backing stores do not move, so the window stays aligned.
+ */
+export function allocAligned(length: number, alignment: number): Uint8Array {
+  if (!Number.isSafeInteger(length) || length < 0) throw new RangeError(`Expected a byte length, received ${length}`);
+  if (!isPowerOfTwo(alignment)) throw new RangeError(`Expected a power-of-two alignment, received ${alignment}`);
+  const backing = new ArrayBuffer(length + alignment);
+  const skip = addon.alignmentSkip(backing, alignment);
+  assert.ok(Number.isInteger(skip) && skip >= 0 && skip < alignment, 'alignment skip out of range');
+  return new Uint8Array(backing, skip, length);
+}

@@ -1,0 +1,25 @@
+/**
+ * A sink is where a SnapshotStream's bytes go: a direct-I/O target file, the
+ * offset where logical byte 0 lands, and what to do at the end. The raw sink
+ * truncates and syncs; the qcow2 sink commits a snapshot.
+ */
+import type { TargetFile } from '../io/target-file.js';
+
+export interface StreamSink {
+  readonly file: TargetFile;
+  /** File offset of logical byte 0; a multiple of file.alignment. */
+  readonly baseOffset: number;
+  /** Most logical bytes the sink can take, when bounded. */
+  readonly maxLength: number | undefined;
+  /**
+   * Every byte up to `paddedEnd` (file offset, aligned, zero-padded past the
+   * logical end) has been written. Make it durable and meaningful.
+   */
+  finalize(logicalLength: number, paddedEnd: number): Promise<void>;
+  /** The stream failed or was destroyed; no I/O is in flight. Undo what can be undone. */
+  abort(error: Error | null): Promise<void>;
+  /** Release the file and any locks; called exactly once, last. */
+  close(): Promise<void>;
+}
+
+export type SinkFactory = () => Promise<StreamSink>;

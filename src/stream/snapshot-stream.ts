@@ -1,0 +1,351 @@
+/**
+ * SnapshotStream: a Writable that packs writes of any size into a ring of
+ * aligned buffers and hands each full buffer to the native writer while the
+ * next one fills.
+ *
+ * Hot path (_write/_writev -> _pump): one copy per byte into the FILLING
+ * buffer, no allocation, no syscall. A full buffer is submitted without
+ * waiting; when no buffer is FREE the Writable callback is held until a write
+ * completes. That held callback is the backpressure, and it keeps memory at
+ * buffers x bufferSize whatever the stream length.
+ */
+import { Writable } from 'node:stream';
+import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
+import { alignUp } from '../io/alignment.js';
+import { SubmitQueue } from '../io/submit-queue.js';
+import type { ResolvedStreamOptions } from '../options.js';
+import { Ring } from './ring.js';
+import type { SinkFactory, StreamSink } from './sink.js';
+
+/** Chunks Writable may queue while a callback is held (objectMode counts chunks). */
+const HIGH_WATER_MARK_CHUNKS = 64;
+
+export interface ProgressEvent {
+  /** Logical bytes that reached the target. */
+  bytesWritten: number;
+  /** Logical bytes accepted by the stream so far. */
+  bytesQueued: number;
+}
+
+type Callback = (error?: Error | null) => void;
+
+interface VecEntry {
+  chunk: unknown;
+}
+
+export class SnapshotStream extends Writable {
+  private readonly _opts: ResolvedStreamOptions;
+  private readonly _openSink: SinkFactory;
+  private _sink: StreamSink | undefined;
+  private _ring: Ring | undefined;
+  private _queue: SubmitQueue | undefined;
+  private _fill = -1; // index of the FILLING buffer, -1 when none
+  private _fillLen = 0; // bytes in the FILLING buffer
+  private _accepted = 0; // logical bytes copied into the ring
+  private _submittedEnd = 0; // offset past the last submitted buffer, relative to baseOffset
+  private _written = 0; // logical bytes durably handed to the kernel
+  private _inFlight = 0;
+  private _slotBytes: number[] = [];
+  private _slotDone: ((err: SnapshotError | undefined) => void)[] = [];
+  private _chunk: Uint8Array | null = null;
+  private _chunkPos = 0;
+  private _vec: VecEntry[] | null = null;
+  private _vecIndex = 0;
+  private _held: Callback | null = null;
+  private _error: SnapshotError | undefined;
+  private _idleWaiter: (() => void) | null = null;
+  private _finalized = false;
+  private _sinkClosed = false;
+  private readonly _onAbort: () => void;
+
+  constructor(options: ResolvedStreamOptions, openSink: SinkFactory) {
+    super({ objectMode: true, highWaterMark: HIGH_WATER_MARK_CHUNKS, decodeStrings: false });
+    this._opts = options;
+    this._openSink = openSink;
+    this._onAbort = () => this.destroy(abortError(options.signal));
+    const signal = options.signal;
+    if (signal !== undefined) {
+      if (signal.aborted) process.nextTick(this._onAbort);
+      else signal.addEventListener('abort', this._onAbort, { once: true });
+    }
+  }
+
+  /** Logical bytes written to the target so far; the total after 'finish'. */
+  get bytesWritten(): number {
+    return this._written;
+  }
+
+  /** Logical bytes accepted into the ring so far. */
+  get bytesQueued(): number {
+    return this._accepted;
+  }
+
+  /** Whether O_DIRECT is in effect (undefined until the target is open). */
+  get direct(): boolean | undefined {
+    return this._sink?.file.direct;
+  }
+
+  /** The alignment the target requires (undefined until the target is open). */
+  get alignment(): number | undefined {
+    return this._sink?.file.alignment;
+  }
+
+  /** The path of the target, once open. */
+  get path(): string | undefined {
+    return this._sink?.file.path;
+  }
+
+  override _construct(callback: Callback): void {
+    this._openSink().then(
+      (sink) => {
+        try {
+          this._attach(sink);
+          callback();
+        } catch (err) {
+          sink.close().then(
+            () => callback(toSnapshotError(err)),
+            () => callback(toSnapshotError(err)),
+          );
+        }
+      },
+      (err: unknown) => callback(toSnapshotError(err)),
+    );
+  }
+
+  private _attach(sink: StreamSink): void {
+    const { file } = sink;
+    const { bufferSize, buffers } = this._opts;
+    if (bufferSize % file.alignment !== 0 || sink.baseOffset % file.alignment !== 0) {
+      throw new SnapshotError(
+        ErrorCode.EINVAL,
+        `bufferSize ${bufferSize} and offset ${sink.baseOffset} must be multiples of the target's alignment ${file.alignment}`,
+        { path: file.path, offset: sink.baseOffset },
+      );
+    }
+    this._sink = sink;
+    this._ring = new Ring(file, buffers, bufferSize);
+    // Every buffer may be in flight at once; the native threads decide how
+    // many of those the disk sees concurrently.
+    this._queue = new SubmitQueue(file, buffers);
+    for (let i = 0; i < buffers; i++) {
+      this._slotBytes.push(0);
+      this._slotDone.push((err) => this._onWritten(i, err));
+    }
+  }
+
+  override _write(chunk: unknown, _encoding: BufferEncoding, callback: Callback): void {
+    const err = this._precheck(chunk, 1);
+    if (err !== undefined) {
+      callback(err);
+      return;
+    }
+    this._chunk = chunk as Uint8Array;
+    this._chunkPos = 0;
+    this._vec = null;
+    this._held = callback;
+    this._pump();
+  }
+
+  override _writev(chunks: VecEntry[], callback: Callback): void {
+    let total = 0;
+    for (let i = 0; i < chunks.length; i++) {
+      const c = (chunks[i] as VecEntry).chunk;
+      const err = this._precheck(c, 0);
+      if (err !== undefined) {
+        callback(err);
+        return;
+      }
+      total += (c as Uint8Array).byteLength;
+    }
+    const err = this._checkCapacity(total);
+    if (err !== undefined) {
+      callback(err);
+      return;
+    }
+    this._vec = chunks;
+    this._vecIndex = 0;
+    this._chunk = (chunks[0] as VecEntry).chunk as Uint8Array;
+    this._chunkPos = 0;
+    this._held = callback;
+    this._pump();
+  }
+
+  /** Validates one chunk; `checkSize` 1 also checks the sink's capacity. */
+  private _precheck(chunk: unknown, checkSize: number): SnapshotError | undefined {
+    if (this._error !== undefined) return this._error;
+    if (!(chunk instanceof Uint8Array)) {
+      const kind = chunk === null ? 'null' : typeof chunk === 'object' ? Object.prototype.toString.call(chunk) : typeof chunk;
+      return new SnapshotError(ErrorCode.INVALID_CHUNK, `Expected a Buffer or Uint8Array chunk, received ${kind}`, {
+        path: this.path,
+      });
+    }
+    return checkSize === 1 ? this._checkCapacity(chunk.byteLength) : undefined;
+  }
+
+  private _checkCapacity(bytes: number): SnapshotError | undefined {
+    const max = this._sink?.maxLength;
+    if (max === undefined || this._accepted + bytes <= max) return undefined;
+    return new SnapshotError(ErrorCode.ENOSPC, `the target holds at most ${max} bytes`, {
+      path: this.path,
+      offset: (this._sink?.baseOffset ?? 0) + max,
+    });
+  }
+
+  /** Copies the held chunk(s) into the ring; returns early when the ring is full. */
+  private _pump(): void {
+    const ring = this._ring as Ring;
+    const size = ring.bufferSize;
+    let chunk = this._chunk;
+    while (chunk !== null) {
+      const length = chunk.byteLength;
+      while (this._chunkPos < length) {
+        if (this._fill < 0) {
+          this._fill = ring.acquire();
+          if (this._fill < 0) return; // every buffer is in flight: hold the callback
+        }
+        const target = ring.buffers[this._fill] as Uint8Array;
+        const n = Math.min(size - this._fillLen, length - this._chunkPos);
+        // Whole chunks (the common case) copy without creating a view.
+        if (n === length) target.set(chunk, this._fillLen);
+        else target.set(chunk.subarray(this._chunkPos, this._chunkPos + n), this._fillLen);
+        this._fillLen += n;
+        this._chunkPos += n;
+        this._accepted += n;
+        if (this._fillLen === size) this._submitFill(size);
+      }
+      chunk = this._nextChunk();
+    }
+    const cb = this._held;
+    this._held = null;
+    if (cb !== null) cb();
+  }
+
+  private _nextChunk(): Uint8Array | null {
+    const vec = this._vec;
+    if (vec !== null && ++this._vecIndex < vec.length) {
+      this._chunk = (vec[this._vecIndex] as VecEntry).chunk as Uint8Array;
+      this._chunkPos = 0;
+      return this._chunk;
+    }
+    this._vec = null;
+    this._chunk = null;
+    return null;
+  }
+
+  /** Submits the FILLING buffer; `length` > _fillLen only for the padded tail. */
+  private _submitFill(length: number): void {
+    const ring = this._ring as Ring;
+    const sink = this._sink as StreamSink;
+    const index = this._fill;
+    ring.markInFlight(index);
+    this._slotBytes[index] = this._fillLen;
+    const position = sink.baseOffset + this._submittedEnd;
+    this._submittedEnd += length;
+    this._fill = -1;
+    this._fillLen = 0;
+    this._inFlight++;
+    const buffer = ring.buffers[index] as Uint8Array;
+    (this._queue as SubmitQueue).submit(
+      length === buffer.byteLength ? buffer : buffer.subarray(0, length),
+      position,
+      this._slotDone[index] as (err: SnapshotError | undefined) => void,
+    );
+  }
+
+  private _onWritten(index: number, err: SnapshotError | undefined): void {
+    this._inFlight--;
+    (this._ring as Ring).release(index);
+    if (err !== undefined) {
+      if (this._error === undefined) this._error = err;
+    } else {
+      this._written += this._slotBytes[index] as number;
+      this.emit('progress', { bytesWritten: this._written, bytesQueued: this._accepted } satisfies ProgressEvent);
+    }
+    if (this._error !== undefined) this._failHeld();
+    else if (this._held !== null) this._pump();
+    if (this._inFlight === 0 && this._idleWaiter !== null) {
+      const wake = this._idleWaiter;
+      this._idleWaiter = null;
+      wake();
+    }
+  }
+
+  /** Reports the first I/O error exactly once through whichever path is waiting. */
+  private _failHeld(): void {
+    const err = this._error as SnapshotError;
+    const cb = this._held;
+    this._held = null;
+    this._chunk = null;
+    this._vec = null;
+    if (cb !== null) cb(err);
+    else if (this._idleWaiter === null && !this.destroyed && !this.writableFinished) this.destroy(err);
+  }
+
+  private _idle(): Promise<void> {
+    if (this._inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      this._idleWaiter = resolve;
+    });
+  }
+
+  override _final(callback: Callback): void {
+    this._finish().then(
+      () => callback(),
+      (err: unknown) => callback(toSnapshotError(err)),
+    );
+  }
+
+  private async _finish(): Promise<void> {
+    if (this._error !== undefined) throw this._error;
+    const sink = this._sink as StreamSink;
+    if (this._fillLen > 0) {
+      // The tail: zero the padding so no stale bytes from the ring reach disk.
+      const padded = alignUp(this._fillLen, sink.file.alignment);
+      (this._ring as Ring).buffers[this._fill]?.fill(0, this._fillLen, padded);
+      this._submitFill(padded);
+    }
+    await this._idle();
+    if (this._error !== undefined) throw this._error;
+    await sink.finalize(this._accepted, sink.baseOffset + this._submittedEnd);
+    this._finalized = true;
+    // Release the file and its locks before 'finish', so a caller that reacts
+    // to 'finish' (qemu-img, QEMU) finds the image free.
+    await this._closeSink();
+  }
+
+  override _destroy(error: Error | null, callback: Callback): void {
+    this._opts.signal?.removeEventListener('abort', this._onAbort);
+    this._teardown(error).then(
+      () => callback(error),
+      (err: unknown) => callback(error ?? toSnapshotError(err)),
+    );
+  }
+
+  private async _teardown(error: Error | null): Promise<void> {
+    // Never close the descriptor under a running write: the number could be
+    // reused by another open while the kernel still writes through it.
+    await this._idle();
+    if (this._sink !== undefined && !this._sinkClosed) {
+      if (!this._finalized) {
+        try {
+          await this._sink.abort(error);
+        } finally {
+          await this._closeSink();
+        }
+      } else {
+        await this._closeSink();
+      }
+    }
+    this._ring?.wipe();
+  }
+
+  private async _closeSink(): Promise<void> {
+    if (this._sinkClosed || this._sink === undefined) return;
+    this._sinkClosed = true;
+    await this._sink.close();
+  }
+}
+
+function abortError(signal: AbortSignal | undefined): SnapshotError {
+  return new SnapshotError(ErrorCode.ABORTED, 'the snapshot stream was aborted', { cause: signal?.reason });
+}
