@@ -29,7 +29,8 @@ export interface DirectAlignment {
 
 /** Why O_DIRECT cannot work for this file, or undefined when it can. */
 export function directUnsupportedReason(facts: OpenFacts): string | undefined {
-  const fs = PAGE_CACHE_ONLY_FS.get(facts.fsType);
+  // statfs of a device node describes /dev (devtmpfs), not the device.
+  const fs = facts.isRegular ? PAGE_CACHE_ONLY_FS.get(facts.fsType) : undefined;
   if (fs !== undefined) return `${fs} has no device to bypass the page cache to`;
   if (facts.dioReported && facts.dioOffsetAlign === 0) return 'the filesystem reports no direct I/O support';
   if (!facts.isRegular && !facts.isBlockDevice) return 'only regular files and block devices support O_DIRECT';

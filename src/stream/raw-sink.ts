@@ -56,7 +56,14 @@ async function openTarget(path: string, opts: ResolvedStreamOptions): Promise<{ 
   } catch (err) {
     if (!(err instanceof SnapshotError) || err.code !== 'ENOENT') throw err;
   }
-  return { file: await TargetFile.open(path, { ...base, create: true, exclusive: true }), created: true };
+  try {
+    return { file: await TargetFile.open(path, { ...base, create: true, exclusive: true }), created: true };
+  } catch (err) {
+    // The file did not exist a moment ago; an open that failed after creating
+    // it (say, O_DIRECT refused by the filesystem) must not leave it behind.
+    await unlink(path).catch(() => undefined);
+    throw err;
+  }
 }
 
 async function refuseQcow2(file: TargetFile): Promise<void> {

@@ -17,8 +17,12 @@ import type { ResolvedStreamOptions } from '../options.js';
 import { Ring } from './ring.js';
 import type { SinkFactory, StreamSink } from './sink.js';
 
-/** Chunks Writable may queue while a callback is held (objectMode counts chunks). */
-const HIGH_WATER_MARK_CHUNKS = 64;
+/**
+ * Bytes Writable may queue while our callback is held. Small: the ring is the
+ * buffer; this only smooths the hand-off. Counted in bytes (not chunks), so a
+ * producer of 9 MiB chunks cannot park unbounded memory in front of the ring.
+ */
+const WRITABLE_HIGH_WATER_MARK = 256 * 1024;
 
 export interface ProgressEvent {
   /** Logical bytes that reached the target. */
@@ -59,7 +63,7 @@ export class SnapshotStream extends Writable {
   private readonly _onAbort: () => void;
 
   constructor(options: ResolvedStreamOptions, openSink: SinkFactory) {
-    super({ objectMode: true, highWaterMark: HIGH_WATER_MARK_CHUNKS, decodeStrings: false });
+    super({ highWaterMark: WRITABLE_HIGH_WATER_MARK, decodeStrings: false });
     this._opts = options;
     this._openSink = openSink;
     this._onAbort = () => this.destroy(abortError(options.signal));
@@ -133,6 +137,21 @@ export class SnapshotStream extends Writable {
     }
   }
 
+  /**
+   * Rejects anything but bytes with a coded error before Writable sees it
+   * (Writable would convert strings and throw an uncoded TypeError otherwise).
+   */
+  override write(chunk: unknown, encoding?: unknown, callback?: unknown): boolean {
+    if (!(chunk instanceof Uint8Array)) {
+      const err = invalidChunk(chunk, this.path);
+      const cb = typeof encoding === 'function' ? encoding : callback;
+      if (typeof cb === 'function') process.nextTick(cb as Callback, err);
+      this.destroy(err);
+      return false;
+    }
+    return super.write(chunk, encoding as BufferEncoding, callback as Callback);
+  }
+
   override _write(chunk: unknown, _encoding: BufferEncoding, callback: Callback): void {
     const err = this._precheck(chunk, 1);
     if (err !== undefined) {
@@ -173,12 +192,7 @@ export class SnapshotStream extends Writable {
   /** Validates one chunk; `checkSize` 1 also checks the sink's capacity. */
   private _precheck(chunk: unknown, checkSize: number): SnapshotError | undefined {
     if (this._error !== undefined) return this._error;
-    if (!(chunk instanceof Uint8Array)) {
-      const kind = chunk === null ? 'null' : typeof chunk === 'object' ? Object.prototype.toString.call(chunk) : typeof chunk;
-      return new SnapshotError(ErrorCode.INVALID_CHUNK, `Expected a Buffer or Uint8Array chunk, received ${kind}`, {
-        path: this.path,
-      });
-    }
+    if (!(chunk instanceof Uint8Array)) return invalidChunk(chunk, this.path);
     return checkSize === 1 ? this._checkCapacity(chunk.byteLength) : undefined;
   }
 
@@ -344,6 +358,11 @@ export class SnapshotStream extends Writable {
     this._sinkClosed = true;
     await this._sink.close();
   }
+}
+
+function invalidChunk(chunk: unknown, path: string | undefined): SnapshotError {
+  const kind = chunk === null ? 'null' : typeof chunk === 'object' ? Object.prototype.toString.call(chunk) : typeof chunk;
+  return new SnapshotError(ErrorCode.INVALID_CHUNK, `Expected a Buffer or Uint8Array chunk, received ${kind}`, { path });
 }
 
 function abortError(signal: AbortSignal | undefined): SnapshotError {
