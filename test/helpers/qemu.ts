@@ -34,11 +34,13 @@
  *   ("pc-i440fx-7.2"), the "ram" section (RAMBlock list "mem0",
  *   "/rom@etc/acpi/tables", "pc.bios", "pc.rom", ..., then pages each behind
  *   an 8-byte big-endian address|flags header), then device sections and EOF.
- *   For a paused 64 MiB guest both are 67,553,603 bytes, the head and the
- *   tail are byte-identical, and they differ only in where the RAM iteration
- *   boundaries (QEMU_VM_SECTION_PART + RAM_SAVE_FLAG_EOS) fall, which depends
- *   on timing. So the bytes are not reproducible run to run, but the format is
- *   the same.
+ *   For a paused 64 MiB guest both are ~67,553,600 bytes (observed 67,553,603
+ *   and 67,553,585 across runs); the head (up to the first page) and the
+ *   device-state tail are byte-identical, and they differ only in how many
+ *   RAM iteration boundaries (a QEMU_VM_SECTION_PART header plus
+ *   RAM_SAVE_FLAG_EOS) there are and where they fall, which depends on
+ *   timing. So the bytes are not reproducible run to run (neither are two
+ *   savevm runs), but the format is the same.
  * - Key result: a stream produced by `migrate exec:cat > FILE`, stored as the
  *   vmstate of an internal snapshot (with vm_state_size set to its length),
  *   is accepted by `loadvm`, and the guest RAM comes back exactly.
@@ -209,6 +211,16 @@ export async function startPausedVm(options: StartVmOptions): Promise<Vm> {
   const vm = makeVm(child, exited, qmp, args, () => stderr, dir);
   liveVms.add(vm);
   return vm;
+}
+
+/** Starts a paused VM, runs `fn`, and always quits (then kills) and reaps it. */
+export async function withPausedVm<T>(options: StartVmOptions, fn: (vm: Vm) => Promise<T>): Promise<T> {
+  const vm = await startPausedVm(options);
+  try {
+    return await fn(vm);
+  } finally {
+    await vm.quit();
+  }
 }
 
 async function killAndReap(child: ChildProcess, exited: Promise<void>): Promise<void> {
