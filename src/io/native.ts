@@ -63,5 +63,7 @@ interface Addon {
 }
 
 // src/io and dist/io sit at the same depth, so one relative path serves both.
+// SNAPSTREAM_ADDON_PATH points at another build (the sanitizer build of
+// `npm run test:asan`) without touching the normal one.
 const require = createRequire(import.meta.url);
-export const addon: Addon = require('../../build/Release/snapstream.node') as Addon;
+export const addon: Addon = require(process.env.SNAPSTREAM_ADDON_PATH ?? '../../build/Release/snapstream.node') as Addon;
