@@ -76,6 +76,8 @@ export function errnoError(
   } catch {
     code = 'EIO';
   }
+  // Linux gives EOPNOTSUPP and ENOTSUP one number; libuv names it ENOTSUP.
+  if (code === 'ENOTSUP') code = ErrorCode.EOPNOTSUPP;
   const where = details.offset === undefined ? '' : ` at offset ${details.offset}`;
   const subject = details.path === undefined ? '' : ` '${details.path}'`;
   let message = `${syscall}${subject}${where} failed: ${code}`;

@@ -92,7 +92,7 @@ export function rawSinkFactory(path: string, opts: ResolvedStreamOptions): SinkF
       }
       if (opts.format !== 'raw') await refuseQcow2(file);
       if (opts.preallocate === 'space' && opts.expectedSize !== undefined && opts.expectedSize > 0) {
-        await reserveSpace(file, opts.offset, opts.expectedSize, { signal: opts.signal, restoreSize: file.size });
+        await reserveSpace(file, opts.offset, opts.expectedSize, { signal: opts.signal });
       }
       return new RawSink(file, opts.offset, created);
     } catch (err) {
