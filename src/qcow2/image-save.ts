@@ -1,0 +1,289 @@
+/**
+ * Saving an internal snapshot exactly as QEMU's savevm leaves it, in two
+ * halves around the vmstate stream:
+ *
+ *   begin():  reserve one contiguous run of new host clusters at the end of
+ *             the file; the stream writes the vmstate there with O_DIRECT.
+ *   commit(): after the vmstate is durable, build the snapshot around it in
+ *             the crash-safe order of DESIGN.md "Commit order".
+ *
+ * The committed result matches QEMU 7.2's savevm (qcow2_snapshot_create):
+ * the snapshot's L1 is a verbatim copy of the active L1 (COPIED bits
+ * included, as QEMU copies before updating them) plus L2 tables mapping the
+ * vmstate area; every cluster the active L1 reaches gains a reference; COPIED
+ * is then cleared where refcounts exceed 1. The vmstate clusters and their L2
+ * tables have refcount 1 and belong to the snapshot alone, which is where
+ * QEMU ends up too after it discards the vmstate from the active L1. (QEMU
+ * also leaves a private, all-zero L2 table in the active L1 for that range;
+ * it is an artifact of writing through the active image, reads the same as
+ * no table, and we do not create it. `loadvm` grows the active L1 itself.)
+ */
+import { ErrorCode, SnapshotError } from '../errors.js';
+import { L1Table, L2Table, QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
+import { invariant, unsupported } from './fail.js';
+import { encodeRefcountTablePointer, encodeSnapshotPointer, REFCOUNT_TABLE_POINTER_OFFSET, SNAPSHOT_POINTER_OFFSET } from './header.js';
+import type { ImageState } from './image-state.js';
+import type { Layout } from './layout.js';
+import { forEachReachedTable } from './reach.js';
+import { EndAllocator, RefcountStore } from './refcount.js';
+import {
+  encodeSnapshotTable,
+  ICOUNT_DISABLED,
+  nextSnapshotId,
+  type SnapshotEntry,
+} from './snapshot-table.js';
+
+export interface SaveReservation {
+  /** Where the vmstate's first byte goes; cluster aligned. */
+  hostOffset: number;
+  /** The most vmstate bytes the image can describe (QEMU's 32 MiB L1 limit). */
+  maxLength: number;
+}
+
+export interface SaveMetadata {
+  /** Exact vmstate length in bytes, already written at hostOffset and fdatasync'ed. */
+  vmStateSize: number;
+  /** Guest clock at the save, nanoseconds (QEMU's vm_clock_nsec). Default 0. */
+  vmClockNs?: bigint | number;
+  /** Wall-clock time of the save. Default: now. */
+  date?: Date;
+  /** Record/replay instruction count; default -1 (replay off), as savevm writes. */
+  icount?: bigint;
+}
+
+type Phase = 'reserved' | 'committing' | 'referenced' | 'committed' | 'aborted';
+
+interface SavePlan {
+  rc: RefcountStore;
+  alloc: EndAllocator;
+  vmL2s: L2Table[];
+  snapshotL1: L1Table;
+  snapshotL1Offset: number;
+  entry: SnapshotEntry;
+  table: Buffer;
+  tableOffset: number;
+}
+
+export class SaveTransaction implements SaveReservation {
+  readonly name: string;
+  readonly hostOffset: number;
+  readonly maxLength: number;
+  private readonly _state: ImageState;
+  private readonly _fileSizeAtBegin: number;
+  private _phase: Phase = 'reserved';
+
+  private constructor(state: ImageState, name: string, hostOffset: number, maxLength: number) {
+    this._state = state;
+    this.name = name;
+    this.hostOffset = hostOffset;
+    this.maxLength = maxLength;
+    this._fileSizeAtBegin = state.fileSizeBytes;
+  }
+
+  /** Reserves the vmstate run. The caller has checked the name and holds the write lock. */
+  static async begin(state: ImageState, name: string): Promise<SaveTransaction> {
+    const { layout, header } = state;
+    const rc = await RefcountStore.load(
+      state.file,
+      layout,
+      header.refcountTableOffset,
+      header.refcountTableClusters,
+      state.fileSizeBytes,
+    );
+    const hostOffset = await rc.allocationEnd(state.fileSizeBytes);
+    const vmIndex = layout.vmStateL1Index(header.size);
+    const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
+    const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - hostOffset));
+    return new SaveTransaction(state, name, hostOffset, maxLength);
+  }
+
+  get phase(): Phase {
+    return this._phase;
+  }
+
+  async commit(meta: SaveMetadata): Promise<SnapshotEntry> {
+    invariant(this._phase === 'reserved', `commit in phase ${this._phase}`);
+    if (!Number.isSafeInteger(meta.vmStateSize) || meta.vmStateSize < 0 || meta.vmStateSize > this.maxLength) {
+      throw new RangeError(`Expected an integer 0..${this.maxLength} for vmStateSize, received ${meta.vmStateSize}`);
+    }
+    this._phase = 'committing';
+    const plan = await this.plan(meta);
+    await this.writeAndCommit(plan);
+    return plan.entry;
+  }
+
+  /**
+   * Leaves the image as before. Until refcounts of existing blocks were
+   * touched, everything we wrote lies past the old end of file and is
+   * unreferenced, so the file is truncated back; later, only leaks remain.
+   */
+  async abort(): Promise<void> {
+    if (this._phase === 'committed' || this._phase === 'aborted') return;
+    const truncate = this._phase === 'reserved' || this._phase === 'committing';
+    this._phase = 'aborted';
+    if (truncate) {
+      await this._state.file.truncate(this._fileSizeAtBegin);
+      this._state.fileSizeBytes = this._fileSizeAtBegin;
+    }
+  }
+
+  private async plan(meta: SaveMetadata): Promise<SavePlan> {
+    const { layout, header, l1 } = this._state;
+    const vmClusters = layout.clustersFor(meta.vmStateSize);
+    const alloc = new EndAllocator(this.hostOffset, layout);
+    alloc.allocClusters(vmClusters);
+    const vmIndex = layout.vmStateL1Index(header.size);
+    const vmL2s = buildVmStateL2s(alloc, this.hostOffset, vmClusters, layout);
+    const l1Entries = Math.max(l1.entries, vmL2s.length > 0 ? vmIndex + vmL2s.length : 0);
+    if (l1Entries > QCOW_MAX_L1_SIZE_BYTES / 8) throw unsupported('the vmstate needs an L1 table above 32 MiB');
+    // Verbatim copy, COPIED bits included: QEMU copies the L1 before updating refcounts.
+    const snapshotL1 = L1Table.empty(l1Entries, layout);
+    l1.bytes.copy(snapshotL1.bytes, 0, 0, l1.entries * 8);
+    vmL2s.forEach((table, j) => snapshotL1.set(vmIndex + j, table.hostOffset, true));
+    const snapshotL1Offset = l1Entries > 0 ? alloc.allocBytes(l1Entries * 8) : 0;
+    const entry = this.makeEntry(meta, snapshotL1Offset, l1Entries);
+    const table = encodeSnapshotTable([...this._state.snapshots, entry]);
+    const tableOffset = alloc.allocBytes(table.length);
+    const rc = await RefcountStore.load(
+      this._state.file,
+      layout,
+      header.refcountTableOffset,
+      header.refcountTableClusters,
+      this._state.fileSizeBytes,
+    );
+    // Every cluster the copied entries reach gains a reference; overflow is refused here, before any write.
+    const replaced = (i: number): boolean => i >= vmIndex && i < vmIndex + vmL2s.length;
+    await forEachReachedTable(this._state, l1, async ({ l2, dataClusters }) => {
+      const l2Cluster = layout.clusterIndex(l2.hostOffset);
+      await rc.preload([l2Cluster]);
+      await rc.preload(dataClusters);
+      rc.add(l2Cluster, 1);
+      for (const cluster of dataClusters) rc.add(cluster, 1);
+    }, replaced);
+    await rc.coverAllocation(alloc);
+    return { rc, alloc, vmL2s, snapshotL1, snapshotL1Offset, entry, table, tableOffset };
+  }
+
+  private makeEntry(meta: SaveMetadata, l1TableOffset: number, l1Size: number): SnapshotEntry {
+    const dateMs = (meta.date ?? new Date()).getTime();
+    const id = nextSnapshotId(this._state.snapshots);
+    return {
+      l1TableOffset,
+      l1Size,
+      id,
+      name: this.name,
+      dateSec: Math.floor(dateMs / 1000),
+      dateNsec: (((dateMs % 1000) + 1000) % 1000) * 1_000_000,
+      vmClockNs: BigInt(meta.vmClockNs ?? 0n),
+      vmStateSize: meta.vmStateSize,
+      diskSize: this._state.header.size,
+      icount: meta.icount ?? ICOUNT_DISABLED,
+      extraDataSize: 0,
+      unknownExtraData: new Uint8Array(0),
+      idBytes: Buffer.from(id, 'utf8'),
+      nameBytes: Buffer.from(this.name, 'utf8'),
+    };
+  }
+
+  private async writeAndCommit(plan: SavePlan): Promise<void> {
+    const { file } = this._state;
+    for (const table of plan.vmL2s) await file.write(table.bytes, table.hostOffset);
+    if (plan.snapshotL1.entries > 0) await file.write(plan.snapshotL1.bytes, plan.snapshotL1Offset);
+    await file.write(plan.table, plan.tableOffset);
+    await plan.rc.writeFreshStructures();
+    // fdatasync: vmstate L2s, the L1 copy, the new snapshot table and new refcount blocks/table are
+    // durable before any refcount table entry or header field points at them.
+    await file.datasync();
+    this._phase = 'referenced';
+    await plan.rc.writeInPlace();
+    // fdatasync: +1 for every shared cluster and refcount 1 for every new one are durable before the
+    // refcount table is switched and before COPIED flags change (QEMU flushes refcounts before L2s).
+    await file.datasync();
+    await switchRefcountTable(this._state, plan.rc);
+    await updateCopiedFlags(this._state, plan.rc);
+    // fdatasync: the active L1/L2 no longer claim sole ownership of clusters the snapshot is about
+    // to share, so no write after the commit can modify snapshot data in place.
+    await file.datasync();
+    const oldTable = { offset: this._state.header.snapshotsOffset, bytes: this._state.snapshotTableBytes };
+    await this.commitPoint(plan);
+    await plan.rc.release(oldTable.offset, oldTable.bytes);
+    await plan.rc.writeInPlace();
+    // fdatasync: the old snapshot table's clusters are free; a crash before this only leaks them.
+    await file.datasync();
+    this._state.fileSizeBytes = (await file.stat()).size;
+  }
+
+  /** THE COMMIT POINT: one 12-byte header write makes the snapshot exist. */
+  private async commitPoint(plan: SavePlan): Promise<void> {
+    const state = this._state;
+    const entries = [...state.snapshots, plan.entry];
+    await state.file.write(encodeSnapshotPointer(entries.length, plan.tableOffset), SNAPSHOT_POINTER_OFFSET);
+    // fdatasync: the snapshot is now part of the image; everything after this only frees old clusters.
+    await state.file.datasync();
+    this._phase = 'committed';
+    state.snapshots = entries;
+    state.snapshotTableBytes = plan.table.length;
+    state.header.nbSnapshots = entries.length;
+    state.header.snapshotsOffset = plan.tableOffset;
+  }
+}
+
+/** L2 tables for the vmstate area: entry k maps vmstate cluster k to hostOffset + k clusters. */
+function buildVmStateL2s(alloc: EndAllocator, hostOffset: number, vmClusters: number, layout: Layout): L2Table[] {
+  const count = Math.ceil(vmClusters / layout.l2Entries);
+  const base = alloc.allocClusters(count);
+  const tables: L2Table[] = [];
+  for (let t = 0; t < count; t++) tables.push(L2Table.empty(base + t * layout.clusterSize, layout));
+  for (let k = 0; k < vmClusters; k++) {
+    // COPIED stays clear, as in the L2 QEMU's savevm leaves to the snapshot.
+    tables[Math.floor(k / layout.l2Entries)]!.setStandard(k % layout.l2Entries, hostOffset + k * layout.clusterSize, {
+      copied: false,
+    });
+  }
+  return tables;
+}
+
+/**
+ * The refcount table growth mini-commit: the grown table (written and synced
+ * with the other fresh structures) becomes current with one 12-byte header
+ * write; only then does the old table lose its reference.
+ */
+export async function switchRefcountTable(state: ImageState, rc: RefcountStore): Promise<void> {
+  const pending = rc.pendingTable;
+  if (pending === undefined) return;
+  await state.file.write(encodeRefcountTablePointer(pending.offset, pending.clusters), REFCOUNT_TABLE_POINTER_OFFSET);
+  // fdatasync: the header points at the grown refcount table before the old one is freed.
+  await state.file.datasync();
+  state.header.refcountTableOffset = pending.offset;
+  state.header.refcountTableClusters = pending.clusters;
+  await rc.completeTableSwitch();
+  await rc.writeInPlace();
+}
+
+/**
+ * Recomputes COPIED in the active L1 and its L2 tables from the refcounts,
+ * like qcow2_update_snapshot_refcount(): set exactly when the refcount is 1.
+ * Writes only tables that changed; the caller syncs.
+ */
+export async function updateCopiedFlags(state: ImageState, rc: RefcountStore): Promise<void> {
+  const { layout, l1, file } = state;
+  let l1Changed = false;
+  await forEachReachedTable(state, l1, async ({ l1Index, l2, dataClusters }) => {
+    const l2Cluster = layout.clusterIndex(l2.hostOffset);
+    await rc.preload([l2Cluster]);
+    await rc.preload(dataClusters);
+    let changed = false;
+    for (let i = 0; i < l2.entries; i++) {
+      const entry = l2.entry(i);
+      if (entry.kind !== 'normal' && entry.kind !== 'zero-alloc') continue;
+      changed = l2.setCopied(i, rc.get(layout.clusterIndex(entry.hostOffset)) === 1) || changed;
+    }
+    if (changed) await file.write(l2.bytes, l2.hostOffset);
+    l1Changed = l1.setCopied(l1Index, rc.get(l2Cluster) === 1) || l1Changed;
+  });
+  if (l1Changed) await file.write(l1.bytes, state.header.l1TableOffset);
+}
+
+export function snapshotExistsError(name: string): SnapshotError {
+  return new SnapshotError(ErrorCode.SNAPSHOT_EXISTS, `a snapshot named or numbered '${name}' already exists`);
+}
