@@ -33,6 +33,8 @@ export type ClusterKind = 'unallocated' | 'zero-plain' | 'zero-alloc' | 'normal'
 /** One L2 entry, decoded without throwing. */
 export interface L2Classification {
   kind: ClusterKind | 'invalid';
+  /** What the entry would be without its problem (check() still counts its clusters, like QEMU). */
+  baseKind: ClusterKind;
   /** Host offset for normal / zero-alloc; start of compressed data for compressed. */
   hostOffset: number;
   /** Bytes of compressed data counted from hostOffset (compressed only). */
@@ -155,8 +157,8 @@ export class L2Table {
     let problem: string | undefined;
     if ((lo & L2_LO_RESERVED) !== 0 || (hi & L2_HI_RESERVED) !== 0) problem = 'reserved bits set';
     else if (!this._layout.isAligned(hostOffset)) problem = `cluster offset ${hostOffset} is not cluster aligned`;
-    if (problem !== undefined) return { kind: 'invalid', hostOffset, compressedBytes: 0, copied, problem };
-    return { kind, hostOffset, compressedBytes: 0, copied };
+    if (problem !== undefined) return { kind: 'invalid', baseKind: kind, hostOffset, compressedBytes: 0, copied, problem };
+    return { kind, baseKind: kind, hostOffset, compressedBytes: 0, copied };
   }
 
   /**
@@ -171,14 +173,16 @@ export class L2Table {
     const offsetHi = descriptorHi & (2 ** offsetHiBits - 1);
     const extraSectors = (descriptorHi >>> offsetHiBits) & this._layout.csizeMask;
     if (offsetHi >= 2 ** 21) {
-      return { kind: 'invalid', hostOffset: 0, compressedBytes: 0, copied, problem: 'compressed offset beyond 2^53' };
+      const problem = 'compressed offset beyond 2^53';
+      return { kind: 'invalid', baseKind: 'unallocated', hostOffset: 0, compressedBytes: 0, copied, problem };
     }
     const hostOffset = offsetHi * TWO_32 + lo;
     const compressedBytes = (extraSectors + 1) * COMPRESSED_SECTOR_BYTES - (hostOffset % COMPRESSED_SECTOR_BYTES);
     if (copied) {
-      return { kind: 'invalid', hostOffset, compressedBytes, copied, problem: 'COPIED flag set on a compressed cluster' };
+      const problem = 'COPIED flag set on a compressed cluster';
+      return { kind: 'invalid', baseKind: 'compressed', hostOffset, compressedBytes, copied, problem };
     }
-    return { kind: 'compressed', hostOffset, compressedBytes, copied };
+    return { kind: 'compressed', baseKind: 'compressed', hostOffset, compressedBytes, copied };
   }
 
   /** classify() that throws QCOW2_CORRUPT for invalid entries. */

@@ -1,0 +1,271 @@
+/**
+ * An open qcow2 image: list, export, delete, check and save internal
+ * snapshots. Opening validates everything before any write, and a writable
+ * image holds QEMU's lock bytes for as long as it is open (lock.ts).
+ *
+ * Operations are serialised: one runs at a time, in call order.
+ */
+import type { Readable } from 'node:stream';
+import { ErrorCode, SnapshotError } from '../errors.js';
+import { TargetFile } from '../io/target-file.js';
+import { validateStreamOptions, type ResolvedStreamOptions, type StreamOptions } from '../options.js';
+import type { StreamSink } from '../stream/sink.js';
+import { SnapshotStream } from '../stream/snapshot-stream.js';
+import { checkImage, type CheckResult } from './check.js';
+import { corrupt } from './fail.js';
+import type { MetaFile } from './file.js';
+import { deleteSnapshotAt } from './image-delete.js';
+import { SaveTransaction, snapshotExistsError, type SaveMetadata, type SaveReservation } from './image-save.js';
+import { loadImageState, type ImageState } from './image-state.js';
+import { acquireImageLocks, READER_LOCKS, releaseImageLocks, WRITER_LOCKS, type LockPlan } from './lock.js';
+import { findSnapshot, MAX_SNAPSHOT_NAME_BYTES, QCOW_MAX_SNAPSHOTS, type SnapshotEntry } from './snapshot-table.js';
+import { createVmStateReadStream } from './vmstate-reader.js';
+
+export type { CheckResult } from './check.js';
+export type { SaveMetadata, SaveReservation } from './image-save.js';
+
+export interface OpenImageOptions {
+  /** Only read: list, export, check. Default false. */
+  readOnly?: boolean;
+  /** Read-only without taking QEMU's lock bytes, like `qemu-img -U`. The image may change underneath. */
+  forceShare?: boolean;
+}
+
+/** One internal snapshot, as `qemu-img snapshot -l` shows it. */
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  /** Saved VM state in bytes; 0 for a disk-only snapshot. */
+  vmStateSize: number;
+  /** Wall-clock time of the snapshot (millisecond precision; see dateNsec). */
+  date: Date;
+  dateSec: number;
+  dateNsec: number;
+  /** Guest clock in nanoseconds. A bigint: a guest running 105 days passes 2^53 ns. */
+  vmClockNs: bigint;
+  /** Virtual disk size in bytes when the snapshot was taken. */
+  diskSize: number;
+  /** Record/replay instruction count; -1n when replay was off (what savevm records). */
+  icount: bigint;
+}
+
+function toInfo(entry: SnapshotEntry): SnapshotInfo {
+  return {
+    id: entry.id,
+    name: entry.name,
+    vmStateSize: entry.vmStateSize,
+    date: new Date(entry.dateSec * 1000 + Math.floor(entry.dateNsec / 1_000_000)),
+    dateSec: entry.dateSec,
+    dateNsec: entry.dateNsec,
+    vmClockNs: entry.vmClockNs,
+    diskSize: entry.diskSize,
+    icount: entry.icount,
+  };
+}
+
+function notFound(idOrName: string): SnapshotError {
+  return new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `no snapshot with id or name '${idOrName}'`);
+}
+
+/** Checks a new snapshot name synchronously: option mistakes are TypeError/RangeError. */
+export function validateNewSnapshotName(name: unknown, option = 'name'): string {
+  if (typeof name !== 'string' || name.length === 0 || name.includes('\0')) {
+    throw new TypeError(`Expected a non-empty snapshot name without NUL bytes for ${option}, received ${String(name)}`);
+  }
+  if (Buffer.byteLength(name, 'utf8') > MAX_SNAPSHOT_NAME_BYTES) {
+    // QEMU keeps names in a 256-byte C string; longer ones could not be addressed by `loadvm`.
+    throw new RangeError(`Expected a snapshot name of at most ${MAX_SNAPSHOT_NAME_BYTES} UTF-8 bytes for ${option}`);
+  }
+  return name;
+}
+
+export class Image {
+  readonly path: string;
+  readonly readOnly: boolean;
+  private readonly _state: ImageState;
+  private readonly _locks: LockPlan | undefined;
+  private _queue: Promise<unknown> = Promise.resolve();
+  private _save: SaveTransaction | undefined;
+  private _closed = false;
+
+  private constructor(path: string, readOnly: boolean, state: ImageState, locks: LockPlan | undefined) {
+    this.path = path;
+    this.readOnly = readOnly;
+    this._state = state;
+    this._locks = locks;
+  }
+
+  /** @internal use openImage() */
+  static async open(path: string, options: OpenImageOptions = {}): Promise<Image> {
+    const readOnly = options.readOnly === true || options.forceShare === true;
+    const file = await TargetFile.open(path, { write: !readOnly, create: false, direct: false });
+    const locks = options.forceShare === true ? undefined : readOnly ? READER_LOCKS : WRITER_LOCKS;
+    try {
+      if (locks !== undefined) await acquireImageLocks(file, locks);
+      const state = await loadImageState(file);
+      if (state.dirty && !readOnly) {
+        throw corrupt(
+          'the dirty bit is set (lazy refcounts were not written back); refusing to write. ' +
+            'Repair with `qemu-img check -r all`',
+          { path, offset: 72 },
+        );
+      }
+      return new Image(path, readOnly, state, locks);
+    } catch (err) {
+      await file.close().catch(() => undefined);
+      if (err instanceof SnapshotError && err.path === undefined) Object.assign(err, { path });
+      throw err;
+    }
+  }
+
+  /** Virtual disk size in bytes. */
+  get virtualSize(): number {
+    return this._state.header.size;
+  }
+
+  get clusterSize(): number {
+    return this._state.layout.clusterSize;
+  }
+
+  get version(): 2 | 3 {
+    return this._state.header.version;
+  }
+
+  snapshots(): SnapshotInfo[] {
+    this.assertOpen();
+    return this._state.snapshots.map(toInfo);
+  }
+
+  /** The saved VM state of a snapshot (by id, else by name), byte for byte. */
+  createVmStateReadStream(idOrName: string, options: { chunkBytes?: number } = {}): Readable {
+    this.assertOpen();
+    const entry = this._state.snapshots[findSnapshot(this._state.snapshots, idOrName)];
+    if (entry === undefined) throw notFound(idOrName);
+    return createVmStateReadStream(this._state, entry, options.chunkBytes);
+  }
+
+  async deleteSnapshot(idOrName: string): Promise<SnapshotInfo> {
+    return this.exclusive(async () => {
+      this.assertWritable();
+      const index = findSnapshot(this._state.snapshots, idOrName);
+      if (index < 0) throw notFound(idOrName);
+      return toInfo(await deleteSnapshotAt(this._state, index));
+    });
+  }
+
+  async check(): Promise<CheckResult> {
+    return this.exclusive(async () => checkImage(this._state));
+  }
+
+  /**
+   * First half of a save: checks the name, then reserves the vmstate run at
+   * the end of the file. Write the vmstate at `hostOffset`, fdatasync it,
+   * then call commitSave() (or abortSave()).
+   */
+  beginSave(name: string): Promise<SaveReservation> {
+    validateNewSnapshotName(name);
+    return this.exclusive(async () => {
+      this.assertWritable();
+      if (this._save !== undefined) throw new SnapshotError(ErrorCode.EINVAL, 'a save is already in progress');
+      const { snapshots } = this._state;
+      if (snapshots.some((s) => s.name === name || s.id === name)) throw snapshotExistsError(name);
+      if (snapshots.length >= QCOW_MAX_SNAPSHOTS) {
+        throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the image already has ${QCOW_MAX_SNAPSHOTS} snapshots`);
+      }
+      this._save = await SaveTransaction.begin(this._state, name);
+      return { hostOffset: this._save.hostOffset, maxLength: this._save.maxLength };
+    });
+  }
+
+  /** Second half of a save; resolves once the snapshot exists durably. */
+  commitSave(meta: SaveMetadata): Promise<SnapshotInfo> {
+    return this.exclusive(async () => {
+      const save = this._save;
+      if (save === undefined) throw new SnapshotError(ErrorCode.EINVAL, 'commitSave() without beginSave()');
+      try {
+        const entry = await save.commit(meta);
+        return toInfo(entry);
+      } catch (err) {
+        await save.abort().catch(() => undefined);
+        throw err;
+      } finally {
+        this._save = undefined;
+      }
+    });
+  }
+
+  /** Abandons a save: the image keeps its old meaning and, when possible, its old length. */
+  abortSave(): Promise<void> {
+    return this.exclusive(async () => {
+      const save = this._save;
+      this._save = undefined;
+      await save?.abort();
+    });
+  }
+
+  /** A StreamSink (src/stream/sink.ts) that saves into snapshot `name` of this image. */
+  async openSnapshotSink(name: string, options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'>): Promise<StreamSink> {
+    const reservation = await this.beginSave(name);
+    let data: TargetFile;
+    try {
+      data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: 2 });
+    } catch (err) {
+      await this.abortSave();
+      throw err;
+    }
+    return {
+      file: data,
+      baseOffset: reservation.hostOffset,
+      maxLength: reservation.maxLength,
+      finalize: async (logicalLength) => {
+        // fdatasync: the vmstate is durable before any metadata can point at it (commit step 1).
+        await data.datasync();
+        await this.commitSave({ vmStateSize: logicalLength, vmClockNs: options.vmClockNs });
+      },
+      abort: async () => this.abortSave(),
+      close: async () => data.close(),
+    };
+  }
+
+  /** A Writable whose bytes become the vmstate of new snapshot `name`; the snapshot exists after 'finish'. */
+  createSnapshotStream(name: string, options?: StreamOptions): SnapshotStream {
+    validateNewSnapshotName(name);
+    const opts = validateStreamOptions(options);
+    return new SnapshotStream(opts, () => this.openSnapshotSink(name, opts));
+  }
+
+  async close(): Promise<void> {
+    if (this._closed) return;
+    await this._queue.catch(() => undefined);
+    if (this._save !== undefined) await this.abortSave().catch(() => undefined);
+    this._closed = true;
+    const file = this._state.file as MetaFile;
+    if (this._locks !== undefined) await releaseImageLocks(file, this._locks).catch(() => undefined);
+    await file.close();
+  }
+
+  private exclusive<T>(task: () => Promise<T>): Promise<T> {
+    const run = this._queue.then(
+      () => (this.assertOpen(), task()),
+      () => (this.assertOpen(), task()),
+    );
+    this._queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private assertOpen(): void {
+    if (this._closed) throw new SnapshotError(ErrorCode.IMAGE_CLOSED, `image '${this.path}' is closed`, { path: this.path });
+  }
+
+  private assertWritable(): void {
+    if (this.readOnly) {
+      throw new SnapshotError(ErrorCode.IMAGE_READ_ONLY, `image '${this.path}' was opened read-only`, { path: this.path });
+    }
+  }
+}
+
+export function openImage(path: string, options: OpenImageOptions = {}): Promise<Image> {
+  if (typeof path !== 'string' || path.length === 0) throw new TypeError(`Expected a non-empty path for path, received ${String(path)}`);
+  if (options === null || typeof options !== 'object') throw new TypeError('Expected an object for options');
+  return Image.open(path, options);
+}

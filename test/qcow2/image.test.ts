@@ -1,0 +1,103 @@
+import { createHash } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openImage } from '../../src/qcow2/image.js';
+import { qemuImg, qemuIo } from '../helpers/tools.js';
+import { guestWrite, qemuMissing, Workdir } from './fixtures.js';
+import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
+
+async function collect(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const chunk of stream) parts.push(chunk as Buffer);
+  return Buffer.concat(parts);
+}
+
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+
+describe.skipIf(qemuMissing)('qcow2 image: open, list, export, delete, check', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-image');
+  });
+  afterAll(async () => work.cleanup());
+
+  for (const clusterSize of [4096, 65536, 2 * 1024 * 1024]) {
+    for (const compat of ['0.10', '1.1'] as const) {
+      it(`lists snapshots exactly like qemu-img (cluster ${clusterSize}, compat ${compat})`, async () => {
+        const path = await work.image({ sizeBytes: 64 << 20, clusterSize, compat });
+        await guestWrite(path, 'write -P 0xab 0 1M');
+        await qemuImg.snapshot(path, 'create', 'first');
+        await guestWrite(path, 'write -P 0xcd 512k 1M');
+        await qemuImg.snapshot(path, 'create', 'second');
+        const expected = await qemuImg.snapshotList(path);
+        const img = await openImage(path, { readOnly: true });
+        try {
+          const ours = img.snapshots().map((s) => ({
+            id: s.id,
+            name: s.name,
+            vmStateSize: s.vmStateSize,
+            dateSec: s.dateSec,
+            dateNsec: s.dateNsec,
+            vmClockNs: s.vmClockNs,
+          }));
+          expect(ours).toEqual(expected.map(({ icount: _icount, ...rest }) => rest));
+          expect(img.snapshots()[0]!.diskSize).toBe(64 << 20);
+        } finally {
+          await img.close();
+        }
+        const check = await (async () => {
+          const img2 = await openImage(path, { readOnly: true });
+          try {
+            return await img2.check();
+          } finally {
+            await img2.close();
+          }
+        })();
+        const theirs = await qemuImg.check(path);
+        expect(check.corruptions).toBe(theirs.corruptions ?? 0);
+        expect(check.leaks).toBe(theirs.leaks ?? 0);
+        expect(check.imageEndOffset).toBe(theirs['image-end-offset']);
+        expect(check.allocatedClusters).toBe(theirs['allocated-clusters']);
+        expect(check.totalClusters).toBe(theirs['total-clusters']);
+      });
+    }
+  }
+
+  it('deletes a snapshot so that qemu-img check stays clean and the other snapshot still restores', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await guestWrite(path, 'write -P 0x11 0 2M');
+    await qemuImg.snapshot(path, 'create', 'a');
+    await guestWrite(path, 'write -P 0x22 1M 2M');
+    await qemuImg.snapshot(path, 'create', 'b');
+    await guestWrite(path, 'write -P 0x33 0 4M');
+    const img = await openImage(path);
+    try {
+      await img.deleteSnapshot('a');
+      expect(img.snapshots().map((s) => s.name)).toEqual(['b']);
+    } finally {
+      await img.close();
+    }
+    const check = await qemuImg.check(path);
+    expect(check.exitCode).toBe(0);
+    expect((await qemuImg.snapshotList(path)).map((s) => s.name)).toEqual(['b']);
+    await qemuImg.snapshot(path, 'apply', 'b');
+    await qemuIo(path, ['read -P 0x11 0 1M', 'read -P 0x22 1M 2M']);
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+
+  it('exports the vmstate of a snapshot written by QEMU savevm byte for byte', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    await withPausedVm({ ramMiB: 32, image: path }, async (vm) => vm.savevm('vm1'));
+    const oracle = await readSnapshotVmState(path, 'vm1');
+    const img = await openImage(path, { readOnly: true });
+    try {
+      const info = img.snapshots()[0]!;
+      expect(info.vmStateSize).toBe(oracle.length);
+      expect(info.icount).toBe(-1n);
+      const ours = await collect(img.createVmStateReadStream('vm1', { chunkBytes: 256 * 1024 }));
+      expect(sha(ours)).toBe(sha(oracle));
+    } finally {
+      await img.close();
+    }
+  });
+});
