@@ -1,0 +1,263 @@
+/**
+ * Many streams in one process: every byte lands where it belongs, and the
+ * native writers leave Node's shared libuv thread pool (fs, dns, crypto,
+ * zlib) free for the rest of the application.
+ *
+ * Why the latency probe can tell the two designs apart: libuv's pool has 4
+ * threads (UV_THREADPOOL_SIZE defaults to 4). Eight streams with two 4 MiB
+ * O_DIRECT writes in flight each would keep 16 requests queued on it, and an
+ * fs.readFile (open, fstat, read, close: 4 pool requests in a row) would wait
+ * behind about 12 queued writes at every step. At this machine's ~1 GB/s that
+ * is ~50 ms per step and ~200 ms or more per readFile, against well under a
+ * millisecond when the pool is idle. The control experiment below runs exactly
+ * that design (fs.write on the libuv pool, same buffer size, same depth) and
+ * asserts the probe does see it, so a green native result means something.
+ */
+import { createCipheriv, createHash } from 'node:crypto';
+import { constants as fsConstants } from 'node:fs';
+import { open, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { Worker } from 'node:worker_threads';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createSnapshotStream } from '../../src/index.js';
+import { allocAligned } from '../../src/io/alignment.js';
+import { sha256OfFile } from '../helpers/streams.js';
+import { tmpDir, type TmpDir } from '../helpers/tools.js';
+
+const MiB = 1 << 20;
+const STREAMS = 8;
+/** The stream default (DESIGN.md): 4 MiB buffers, two in the ring. */
+const BUFFER_BYTES = 4 * MiB;
+const IN_FLIGHT_PER_WRITER = 2;
+/** A probe every 25 ms gives dozens of samples over a batch of a few seconds. */
+const PROBE_INTERVAL_MS = 25;
+/** No probe may wait longer than this; an idle pool answers a 4 KiB readFile in < 1 ms. */
+const MAX_PROBE_LATENCY_MS = 250;
+/**
+ * The median separates the two designs. Measured here: native 0.2-0.3 ms;
+ * the libuv-pool control 100-130 ms (each of readFile's 4 pool steps waits
+ * behind ~12 queued 4 MiB writes, ~25 ms at ~2 GB/s). Only a disk faster than
+ * ~8 GB/s would bring the control under this bound, and then the control test
+ * fails and says the probe is blind on that machine.
+ */
+const PROBE_MEDIAN_BOUND_MS = 25;
+
+let dir: TmpDir;
+let probeFile: string;
+beforeAll(async () => {
+  dir = await tmpDir('concurrency');
+  probeFile = join(dir.path, 'probe.txt');
+  await writeFile(probeFile, Buffer.alloc(4096, 0x61));
+});
+afterAll(async () => {
+  await dir.cleanup();
+});
+
+/**
+ * Deterministic, distinct content per stream: the AES-128-CTR keystream under
+ * a key derived from the seed. Fast enough (GB/s) that producing it never
+ * holds the event loop for more than a fraction of a millisecond per chunk.
+ * Chunk sizes vary (odd sizes included) so the ring's packing is exercised.
+ */
+function seededSource(totalBytes: number, seed: number, hash: ReturnType<typeof createHash>): Readable {
+  const key = createHash('sha256').update(`snapstream-concurrency-${seed}`).digest().subarray(0, 16);
+  const cipher = createCipheriv('aes-128-ctr', key, Buffer.alloc(16));
+  const sizes = [MiB + 3, 64 * 1024, 4096 + 8, 3 * MiB - 5, 8 * 1024 + 1];
+  let produced = 0;
+  let i = 0;
+  return new Readable({
+    highWaterMark: 2 * MiB,
+    read() {
+      if (produced >= totalBytes) {
+        this.push(null);
+        return;
+      }
+      const n = Math.min(sizes[i++ % sizes.length] as number, totalBytes - produced);
+      const chunk = cipher.update(Buffer.alloc(n));
+      hash.update(chunk);
+      produced += n;
+      this.push(chunk);
+    },
+  });
+}
+
+interface ProbeStats {
+  samples: number;
+  medianMs: number;
+  maxMs: number;
+}
+
+/**
+ * The probe runs in a worker thread: libuv's thread pool is process-wide, so
+ * the worker's fs.readFile queues on the same 4 threads, but the worker has
+ * its own event loop. A main thread busy producing data therefore cannot blur
+ * the measurement; only a saturated pool can delay it.
+ */
+const PROBE_WORKER = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { readFile } = require('node:fs/promises');
+let running = true;
+const latencies = [];
+parentPort.on('message', () => { running = false; });
+(async () => {
+  await readFile(workerData.path); // warm: the first call loads code paths
+  parentPort.postMessage({ ready: true });
+  while (running) {
+    const t0 = performance.now();
+    await readFile(workerData.path);
+    latencies.push(performance.now() - t0);
+    await new Promise((resolve) => setTimeout(resolve, workerData.intervalMs));
+  }
+  parentPort.postMessage({ latencies });
+})();
+`;
+
+async function startProbe(path: string): Promise<{ stop(): Promise<ProbeStats> }> {
+  const worker = new Worker(PROBE_WORKER, { eval: true, workerData: { path, intervalMs: PROBE_INTERVAL_MS } });
+  const messages: { ready?: boolean; latencies?: number[] }[] = [];
+  let wake: (() => void) | undefined;
+  worker.on('message', (m: { ready?: boolean; latencies?: number[] }) => {
+    messages.push(m);
+    wake?.();
+  });
+  const next = async (): Promise<{ ready?: boolean; latencies?: number[] }> => {
+    while (messages.length === 0) await new Promise<void>((resolve) => (wake = resolve));
+    return messages.shift() as { ready?: boolean; latencies?: number[] };
+  };
+  expect((await next()).ready).toBe(true);
+  return {
+    async stop() {
+      worker.postMessage('stop');
+      const latencies = (await next()).latencies ?? [];
+      await worker.terminate();
+      const sorted = [...latencies].sort((a, b) => a - b);
+      return {
+        samples: sorted.length,
+        medianMs: sorted[Math.floor(sorted.length / 2)] ?? Number.NaN,
+        maxMs: sorted[sorted.length - 1] ?? Number.NaN,
+      };
+    },
+  };
+}
+
+/**
+ * The design the addon avoids: O_DIRECT writes through fs (libuv's pool),
+ * same buffer size and the same number in flight per writer as the stream.
+ */
+async function libuvPoolWriter(path: string, totalBytes: number): Promise<void> {
+  const handle = await open(path, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_DIRECT, 0o600);
+  try {
+    const buffers = Array.from({ length: IN_FLIGHT_PER_WRITER }, () => allocAligned(BUFFER_BYTES, 4096).fill(0x5a));
+    let position = 0;
+    const lane = async (buffer: Uint8Array): Promise<void> => {
+      while (position < totalBytes) {
+        const at = position;
+        position += BUFFER_BYTES;
+        await handle.write(buffer, 0, BUFFER_BYTES, at);
+      }
+    };
+    await Promise.all(buffers.map(lane));
+  } finally {
+    await handle.close();
+  }
+}
+
+describe('eight raw streams in one process', () => {
+  it('all complete byte-exactly and leave the libuv thread pool responsive', async () => {
+    // 64..120 MiB plus an odd tail each, so every stream ends in a padded, truncated buffer.
+    const sizes = Array.from({ length: STREAMS }, (_, i) => (64 + 8 * i) * MiB + 4097 * (i + 1));
+    const hashes = sizes.map(() => createHash('sha256'));
+    const paths = sizes.map((_, i) => join(dir.path, `stream-${i}.bin`));
+
+    const probe = await startProbe(probeFile);
+    const t0 = performance.now();
+    await Promise.all(
+      sizes.map((size, i) =>
+        pipeline(
+          seededSource(size, i, hashes[i] as ReturnType<typeof createHash>),
+          createSnapshotStream(paths[i] as string, { bufferSize: BUFFER_BYTES, buffers: IN_FLIGHT_PER_WRITER }),
+        ),
+      ),
+    );
+    const batchMs = performance.now() - t0;
+    const stats = await probe.stop();
+    console.log(
+      `[concurrency] native: ${STREAMS} streams, ${(sizes.reduce((a, b) => a + b, 0) / MiB).toFixed(0)} MiB in ` +
+        `${batchMs.toFixed(0)} ms; readFile probe n=${stats.samples} median=${stats.medianMs.toFixed(2)} ms ` +
+        `max=${stats.maxMs.toFixed(2)} ms`,
+    );
+
+    for (let i = 0; i < STREAMS; i++) {
+      expect(await sha256OfFile(paths[i] as string), `stream ${i}`).toBe((hashes[i] as ReturnType<typeof createHash>).digest('hex'));
+    }
+    expect(stats.samples).toBeGreaterThanOrEqual(5);
+    expect(stats.medianMs).toBeLessThan(PROBE_MEDIAN_BOUND_MS);
+    expect(stats.maxMs).toBeLessThan(MAX_PROBE_LATENCY_MS);
+    expect(stats.maxMs).toBeLessThan(batchMs / 4);
+  });
+
+  it('control: the same load on the libuv pool does starve the probe (so the probe can see starvation)', async () => {
+    const perWriterBytes = 192 * MiB;
+    const paths = Array.from({ length: STREAMS }, (_, i) => join(dir.path, `control-${i}.bin`));
+    const probe = await startProbe(probeFile);
+    const t0 = performance.now();
+    await Promise.all(paths.map((p) => libuvPoolWriter(p, perWriterBytes)));
+    const batchMs = performance.now() - t0;
+    const stats = await probe.stop();
+    console.log(
+      `[concurrency] control (fs.write on libuv's pool): ${STREAMS} writers, ${(STREAMS * perWriterBytes) / MiB} MiB in ` +
+        `${batchMs.toFixed(0)} ms; readFile probe n=${stats.samples} median=${stats.medianMs.toFixed(2)} ms ` +
+        `max=${stats.maxMs.toFixed(2)} ms`,
+    );
+    // The same bound the native test must stay under: this is what makes the
+    // native result evidence rather than luck.
+    expect(stats.samples).toBeGreaterThanOrEqual(3);
+    expect(stats.medianMs).toBeGreaterThan(PROBE_MEDIAN_BOUND_MS);
+  });
+});
+
+describe('the event loop under a synchronous producer', () => {
+  /**
+   * KNOWN BUG (reported, not fixed here: native/ and src/stream/ belong to
+   * others). Write completions reach JS through a Node-API ThreadSafeFunction.
+   * Since Node 16 (nodejs/node PR #38506) a TSFN dispatches, within the same
+   * loop turn, calls queued while its callbacks run, up to 1000 per wake-up.
+   * A completion frees a buffer, the stream pumps the next chunks from a
+   * synchronous source, submits the next buffer, and that write's completion
+   * is queued before the drain ends. Measured here: one 96 MiB stream from a
+   * CPU-bound source ran all 24 of its completions in a single loop turn;
+   * eight such streams (512 MiB) stalled timers for 600-900 ms, i.e. for
+   * nearly the whole batch. Timers, sockets and fs callbacks wait that long.
+   * Sources that cost little CPU (Readable.from of ready buffers) see gaps of
+   * ~20 ms, because the drain ends before the next write completes.
+   * Remove `.fails` once completions yield to the loop (for
+   * example: deliver them with libuv's snapshot-drain semantics, or resume the
+   * pump from setImmediate when a completion arrives in the same turn).
+   */
+  it.fails('keeps timers running (no gap above 250 ms) while eight CPU-bound in-memory sources stream 512 MiB', async () => {
+    // With eight streams (16 native threads) some completion is nearly always
+    // queued while the main thread produces data, so the drain never ends
+    // until the streams do. Each source costs CPU (AES-CTR + SHA-256).
+    const sources = Array.from({ length: STREAMS }, (_, i) => seededSource(64 * MiB, 100 + i, createHash('sha256')));
+    let last = performance.now();
+    let maxGapMs = 0;
+    const timer = setInterval(() => {
+      const now = performance.now();
+      maxGapMs = Math.max(maxGapMs, now - last);
+      last = now;
+    }, 10);
+    try {
+      await Promise.all(
+        sources.map((source, i) =>
+          pipeline(source, createSnapshotStream(join(dir.path, `loop-${i}.bin`), { bufferSize: BUFFER_BYTES })),
+        ),
+      );
+    } finally {
+      clearInterval(timer);
+    }
+    console.log(`[concurrency] event loop: largest timer gap ${maxGapMs.toFixed(0)} ms while 8 CPU-bound sources streamed 512 MiB`);
+    expect(maxGapMs).toBeLessThan(MAX_PROBE_LATENCY_MS);
+  });
+});
