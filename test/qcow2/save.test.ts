@@ -1,0 +1,222 @@
+import { createHash } from 'node:crypto';
+import { stat } from 'node:fs/promises';
+import { pipeline } from 'node:stream/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { TargetFile } from '../../src/io/target-file.js';
+import { openImage, type Image } from '../../src/qcow2/image.js';
+import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
+import { fromChunks, pseudoRandom } from '../helpers/streams.js';
+import { qemuImg, qemuIo, requireTool } from '../helpers/tools.js';
+import { guestWrite, qemuMissing, Workdir } from './fixtures.js';
+
+const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
+
+async function collect(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  for await (const chunk of stream) parts.push(chunk as Buffer);
+  return Buffer.concat(parts);
+}
+
+/** beginSave + a plain write of `data` at hostOffset + fdatasync + commitSave. */
+async function saveWithCalls(img: Image, name: string, data: Buffer, vmClockNs = 0n): Promise<void> {
+  const { hostOffset } = await img.beginSave(name);
+  const file = await TargetFile.open(img.path, { write: true, create: false, direct: false });
+  try {
+    if (data.length > 0) await file.write(data, hostOffset);
+    await file.datasync();
+  } finally {
+    await file.close();
+  }
+  await img.commitSave({ vmStateSize: data.length, vmClockNs, date: new Date(1_700_000_000_123) });
+}
+
+async function exportVmState(path: string, name: string): Promise<Buffer> {
+  const img = await openImage(path, { readOnly: true });
+  try {
+    return await collect(img.createVmStateReadStream(name));
+  } finally {
+    await img.close();
+  }
+}
+
+describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-save');
+  });
+  afterAll(async () => work.cleanup());
+
+  for (const clusterSize of [4096, 65536, 2 * 1024 * 1024]) {
+    for (const compat of ['0.10', '1.1'] as const) {
+      it(`saves a snapshot qemu-img accepts, lists and restores (cluster ${clusterSize}, compat ${compat})`, async () => {
+        const path = await work.image({ sizeBytes: 256 << 20, clusterSize, compat });
+        await guestWrite(path, 'write -P 0xab 0 3M');
+        const vmstate = pseudoRandom(5 * 1024 * 1024 + 12345, clusterSize);
+        const img = await openImage(path);
+        try {
+          await saveWithCalls(img, 'saved', vmstate, 987_654_321_000n);
+        } finally {
+          await img.close();
+        }
+        const check = await qemuImg.check(path);
+        expect(check.exitCode, JSON.stringify(check)).toBe(0);
+        const [listed] = await qemuImg.snapshotList(path);
+        expect(listed).toMatchObject({ id: '1', name: 'saved', vmStateSize: vmstate.length, vmClockNs: 987_654_321_000n });
+        expect(listed!.dateSec).toBe(1_700_000_000);
+        expect(listed!.dateNsec).toBe(123_000_000);
+        expect(sha(await exportVmState(path, 'saved'))).toBe(sha(vmstate));
+        expect(sha(await readSnapshotVmState(path, 'saved'))).toBe(sha(vmstate));
+        // Writes after the save must not reach the snapshot.
+        await guestWrite(path, 'write -P 0xcd 1M 1M');
+        await qemuImg.snapshot(path, 'apply', 'saved');
+        await qemuIo(path, ['read -P 0xab 0 3M']);
+        expect((await qemuImg.check(path)).exitCode).toBe(0);
+        expect(sha(await exportVmState(path, 'saved'))).toBe(sha(vmstate));
+      });
+    }
+  }
+
+  it('gives ids max+1, refuses a duplicate name with SNAPSHOT_EXISTS, and qemu-img deletes our snapshot cleanly', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await qemuImg.snapshot(path, 'create', 'q1');
+    const img = await openImage(path);
+    try {
+      await saveWithCalls(img, 'ours', Buffer.from('hello vmstate'));
+      await expect(img.beginSave('ours')).rejects.toMatchObject({ code: 'SNAPSHOT_EXISTS' });
+      await expect(img.beginSave('1')).rejects.toMatchObject({ code: 'SNAPSHOT_EXISTS' });
+      expect(img.snapshots().map((s) => [s.id, s.name])).toEqual([
+        ['1', 'q1'],
+        ['2', 'ours'],
+      ]);
+    } finally {
+      await img.close();
+    }
+    await qemuImg.snapshot(path, 'delete', 'ours');
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+
+  it('saves through createSnapshotStream with O_DIRECT and a zero-length vmstate', async () => {
+    const path = await work.image({ sizeBytes: 128 << 20 });
+    await guestWrite(path, 'write -P 0x5a 0 1M');
+    const vmstate = pseudoRandom(3 * 1024 * 1024 + 7, 7);
+    const img = await openImage(path);
+    try {
+      const chunks = [] as Buffer[];
+      for (let i = 0; i < vmstate.length; i += 4104) chunks.push(vmstate.subarray(i, i + 4104));
+      await pipeline(fromChunks(chunks), img.createSnapshotStream('streamed', { bufferSize: 1 << 20 }));
+      await pipeline(fromChunks([]), img.createSnapshotStream('empty'));
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect(sha(await exportVmState(path, 'streamed'))).toBe(sha(vmstate));
+    expect((await qemuImg.snapshotList(path)).map((s) => [s.name, s.vmStateSize])).toEqual([
+      ['streamed', vmstate.length],
+      ['empty', 0],
+    ]);
+  });
+
+  it('abortSave truncates the file back and leaves qemu-img check clean', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await guestWrite(path, 'write -P 0x01 0 1M');
+    const before = (await stat(path)).size;
+    const img = await openImage(path);
+    try {
+      const { hostOffset } = await img.beginSave('never');
+      const file = await TargetFile.open(path, { write: true, create: false, direct: false });
+      await file.write(pseudoRandom(1 << 20, 3), hostOffset);
+      await file.close();
+      await img.abortSave();
+      expect(img.snapshots()).toEqual([]);
+    } finally {
+      await img.close();
+    }
+    expect((await stat(path)).size).toBe(before);
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+
+  it('grows the refcount table when the vmstate needs it (4 KiB clusters, 8-bit refcounts)', async () => {
+    // 4 KiB clusters, 8-bit refcounts: one refcount block covers 16 MiB, one table cluster 8 GiB;
+    // 1-bit refcounts cover less but cannot hold snapshot references.
+    const path = await work.image({ sizeBytes: 16 << 20, clusterSize: 4096, refcountBits: 8 });
+    await guestWrite(path, 'write -P 0x42 0 1M');
+    const vmstate = pseudoRandom(40 << 20, 11);
+    const img = await openImage(path);
+    try {
+      await saveWithCalls(img, 'big', vmstate);
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect(sha(await exportVmState(path, 'big'))).toBe(sha(vmstate));
+  });
+
+  it('refuses to save into an image whose refcounts are 1 bit wide, before writing anything', async () => {
+    const path = await work.image({ sizeBytes: 16 << 20, refcountBits: 1 });
+    await guestWrite(path, 'write -P 0x42 0 64k');
+    const img = await openImage(path);
+    try {
+      await expect(saveWithCalls(img, 'x', Buffer.alloc(100))).rejects.toMatchObject({ code: 'QCOW2_UNSUPPORTED' });
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect(await qemuImg.snapshotList(path)).toEqual([]);
+  });
+
+  it('still saves fast into an image with 1000 snapshots', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await guestWrite(path, 'write -P 0x42 0 4M');
+    const img = await openImage(path);
+    try {
+      const small = Buffer.alloc(4096, 1);
+      const t0 = performance.now();
+      for (let i = 0; i < 1000; i++) await saveWithCalls(img, `s${i}`, small);
+      const perSave = (performance.now() - t0) / 1000;
+      const t1 = performance.now();
+      await saveWithCalls(img, 'last', pseudoRandom(8 << 20, 5));
+      const lastMs = performance.now() - t1;
+      expect(img.snapshots()).toHaveLength(1001);
+      console.log(`1000 saves: ${perSave.toFixed(1)} ms each; 1001st (8 MiB): ${lastMs.toFixed(0)} ms`);
+      expect(lastMs).toBeLessThan(5000);
+    } finally {
+      await img.close();
+    }
+    const check = await qemuImg.check(path);
+    expect(check.exitCode, JSON.stringify(check)).toBe(0);
+    expect(await qemuImg.snapshotList(path)).toHaveLength(1001);
+  });
+});
+
+const vmMissing = qemuMissing ?? requireTool('qemu-system-x86_64');
+
+describe.skipIf(vmMissing)('qcow2 save read back by QEMU loadvm', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-loadvm');
+  });
+  afterAll(async () => work.cleanup());
+
+  it('QEMU loadvm restores a snapshot whose vmstate snapstream wrote', async () => {
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await guestWrite(path, 'write -P 0x77 0 2M');
+    await withPausedVm({ ramMiB: 32, image: path }, async (vm) => vm.savevm('by-qemu'));
+    const vmstate = await exportVmState(path, 'by-qemu');
+    await qemuImg.snapshot(path, 'delete', 'by-qemu');
+    const img = await openImage(path);
+    try {
+      await saveWithCalls(img, 'by-snapstream', vmstate);
+    } finally {
+      await img.close();
+    }
+    await guestWrite(path, 'write -P 0x99 0 2M');
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    await withPausedVm({ ramMiB: 32, image: path }, async (vm) => {
+      await vm.loadvm('by-snapstream');
+      expect(['paused', 'prelaunch']).toContain(await vm.status());
+    });
+    await qemuIo(path, ['read -P 0x77 0 2M']);
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+});
