@@ -4,7 +4,7 @@
  * decoding. Big-endian conversion happens here and nowhere else for the
  * header. Header extensions, including unknown ones, are kept byte-for-byte.
  */
-import { corrupt, invariant, unsupported } from './fail.js';
+import { corrupt, invariant } from './fail.js';
 import { Layout } from './layout.js';
 
 export const QCOW_MAGIC = 0x514649fb; // "QFI\xfb"
@@ -112,7 +112,7 @@ export function probeClusterBits(probe: Buffer): number {
   if (probe.length < V2_HEADER_LENGTH) throw corrupt(`file is too short for a qcow2 header (${probe.length} bytes)`);
   if (probe.readUInt32BE(0) !== QCOW_MAGIC) throw corrupt('bad magic (not a qcow2 image)', { offset: 0 });
   const version = probe.readUInt32BE(4);
-  if (version !== 2 && version !== 3) throw unsupported(`qcow2 version ${version} (only 2 and 3 exist)`);
+  if (version !== 2 && version !== 3) throw corrupt(`version ${version} (only 2 and 3 exist)`, { offset: 4 });
   const clusterBits = probe.readUInt32BE(20);
   if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
     throw corrupt(`cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`, { offset: 20 });
