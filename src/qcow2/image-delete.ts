@@ -16,7 +16,7 @@ import { readSnapshotL1, type ImageState } from './image-state.js';
 import { switchRefcountTable, updateCopiedFlags } from './image-save.js';
 import { forEachReachedTable } from './reach.js';
 import { EndAllocator, RefcountStore } from './refcount.js';
-import { encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
+import { asWritten, encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 import { invariant } from './fail.js';
 
 export async function deleteSnapshotAt(state: ImageState, index: number): Promise<SnapshotEntry> {
@@ -49,7 +49,7 @@ export async function deleteSnapshotAt(state: ImageState, index: number): Promis
   await file.write(encodeSnapshotPointer(remaining.length, tableOffset), SNAPSHOT_POINTER_OFFSET);
   // fdatasync: the snapshot is gone for good before its clusters are released.
   await file.datasync();
-  state.snapshots = remaining;
+  state.snapshots = remaining.map(asWritten);
   state.snapshotTableBytes = table.length;
   header.nbSnapshots = remaining.length;
   header.snapshotsOffset = tableOffset;

@@ -27,6 +27,7 @@ import type { Layout } from './layout.js';
 import { forEachReachedTable } from './reach.js';
 import { EndAllocator, RefcountStore } from './refcount.js';
 import {
+  asWritten,
   encodeSnapshotTable,
   ICOUNT_DISABLED,
   nextSnapshotId,
@@ -216,7 +217,7 @@ export class SaveTransaction implements SaveReservation {
   /** THE COMMIT POINT: one 12-byte header write makes the snapshot exist. */
   private async commitPoint(plan: SavePlan): Promise<void> {
     const state = this._state;
-    const entries = [...state.snapshots, plan.entry];
+    const entries = [...state.snapshots, plan.entry].map(asWritten);
     await state.file.write(encodeSnapshotPointer(entries.length, plan.tableOffset), SNAPSHOT_POINTER_OFFSET);
     // fdatasync: the snapshot is now part of the image; everything after this only frees old clusters.
     await state.file.datasync();

@@ -128,6 +128,11 @@ function encodedExtraBytes(entry: SnapshotEntry): number {
   return KNOWN_EXTRA_DATA_BYTES + entry.unknownExtraData.length;
 }
 
+/** The entry as encodeSnapshotTable() writes it (extra data widened to at least 24 bytes). */
+export function asWritten(entry: SnapshotEntry): SnapshotEntry {
+  return { ...entry, extraDataSize: encodedExtraBytes(entry) };
+}
+
 /** Exact byte length of the encoded table (no padding after the last entry, like QEMU). */
 export function snapshotTableBytes(entries: readonly SnapshotEntry[]): number {
   let offset = 0;
