@@ -1,0 +1,39 @@
+/**
+ * (f) The product: createSnapshotStream with its defaults (2 x 4 MiB ring,
+ * O_DIRECT required). (f2) is a deeper ring. Both record peak RSS growth,
+ * checked against buffers x bufferSize + 32 MiB (DESIGN.md, "Memory").
+ */
+import { createSnapshotStream } from '../../dist/index.js';
+import { pumpPages } from '../lib/pump.js';
+import { startRssSampler } from '../lib/rss.js';
+
+const DEFAULT_BUFFERS = 2;
+const DEFAULT_BUFFER_BYTES = 4 << 20;
+
+export function snapshotStreamCase({ id, label, buffers, bufferSize }) {
+  const options = { direct: true };
+  if (buffers !== undefined) options.buffers = buffers;
+  if (bufferSize !== undefined) options.bufferSize = bufferSize;
+  const ringBytes = (buffers ?? DEFAULT_BUFFERS) * (bufferSize ?? DEFAULT_BUFFER_BYTES);
+  return {
+    id,
+    label,
+    sizeClass: 'fast',
+    ringBytes,
+    async run(ctx) {
+      globalThis.gc?.();
+      const rss = startRssSampler();
+      const out = createSnapshotStream(ctx.path, options);
+      out.on('progress', rss.sample);
+      await pumpPages(out, ctx.workload, rss.sample);
+      const mem = rss.stop();
+      if (out.direct !== true) throw new Error(`(${id}) expected O_DIRECT in effect, got direct=${out.direct}`);
+      return {
+        bytes: out.bytesWritten,
+        extra: { rssGrowthBytes: mem.growthBytes, ringBytes },
+      };
+    },
+  };
+}
+
+export default snapshotStreamCase({ id: 'f', label: 'createSnapshotStream (2 x 4 MiB, O_DIRECT)' });

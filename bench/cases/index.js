@@ -1,0 +1,34 @@
+/**
+ * The registry of throughput cases, in table order.
+ *
+ * A case is a module whose default export is:
+ *
+ *   {
+ *     id: 'f',                    // short, unique; used by --only and in results
+ *     label: '...',               // one line for the table
+ *     sizeClass: 'fast' | 'slow', // 'slow' writers get --slow-size bytes (rates are rates)
+ *     verifiable?: false,         // its file is not the page stream (skip --verify)
+ *     available?(): string|undefined, // a reason to skip (e.g. a module not built yet)
+ *     prepare?(ctx) -> state,     // untimed: allocate buffers
+ *     run(ctx, state) -> { bytes, extra? },  // timed, including the final fsync/fdatasync
+ *   }
+ *
+ * ctx = { workload, path, rep, tmpDir, helpers }. `path` is a fresh file in
+ * the scratch directory, deleted after the run; `extra` is any JSON (e.g.
+ * { extents } from helpers.extentCount(path)) and lands in the results.
+ *
+ * Later cases plug in here: a qcow2 save into an image (when
+ * dist/qcow2/image.js exports createImage/openImage), preallocation on/off
+ * with filefrag extent counts.
+ */
+import a from './a-write-sync.js';
+import b from './b-qemu-iov64.js';
+import c from './c-qemu-iovmax.js';
+import d from './d-write-stream.js';
+import e from './e-ring-no-overlap.js';
+import f from './f-snapshot-stream.js';
+import f2 from './f2-snapshot-stream-deep.js';
+import g from './g-device.js';
+import g1 from './g1-device-qd1.js';
+
+export const CASES = [a, b, c, d, e, f, f2, g1, g];
