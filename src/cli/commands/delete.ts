@@ -1,0 +1,23 @@
+/** `snapstream delete IMAGE NAME`: removes an internal snapshot (by name or id). */
+import type { Command } from 'commander';
+import { openImage } from '../api.js';
+import type { CliContext } from '../context.js';
+
+export function registerDelete(program: Command, ctx: CliContext): void {
+  program
+    .command('delete')
+    .description('delete an internal snapshot of a qcow2 image')
+    .argument('<IMAGE>', 'qcow2 image (must not be in use by a running QEMU)')
+    .argument('<NAME>', 'snapshot name or id')
+    .option('-q, --quiet', 'print nothing on success')
+    .action(async (image: string, name: string, flags: { quiet?: boolean }) => {
+      ctx.image = image;
+      const img = await openImage(image);
+      try {
+        await img.deleteSnapshot(name);
+      } finally {
+        await img.close();
+      }
+      if (flags.quiet !== true) process.stderr.write(`deleted snapshot '${name}' from ${image}\n`);
+    });
+}

@@ -1,0 +1,40 @@
+/**
+ * `snapstream save IMAGE NAME [FILE|-]`: a vmstate stream (a file, or stdin
+ * from `migrate "exec:snapstream save ..."`) becomes an internal snapshot of
+ * a qcow2 image, disk included, as QEMU's savevm would leave it.
+ */
+import type { Command } from 'commander';
+import { createSnapshotStream } from '../api.js';
+import type { CliContext } from '../context.js';
+import { addQuietFlag, addStreamFlags, type StreamFlags, toStreamOptions } from '../options.js';
+import { runWithProgress } from '../progress.js';
+import { formatBytes } from '../size.js';
+import { openSource } from '../stdio.js';
+
+export function registerSave(program: Command, ctx: CliContext): void {
+  const cmd = program
+    .command('save')
+    .description('save a vmstate stream as an internal snapshot of a qcow2 image')
+    .argument('<IMAGE>', 'qcow2 image (must not be open for writing by a running QEMU)')
+    .argument('<NAME>', 'name of the new snapshot')
+    .argument('[FILE]', "vmstate to store; '-' or nothing reads stdin", '-');
+  addQuietFlag(addStreamFlags(cmd)).addHelpText(
+    'after',
+    `
+Examples:
+  snapstream save disk.qcow2 before-upgrade state.bin
+  qemu-img ... | snapstream save disk.qcow2 snap1 -`,
+  );
+  cmd.action(async (image: string, name: string, file: string, flags: StreamFlags) => {
+    ctx.image = image;
+    const source = openSource(file);
+    const options = toStreamOptions(flags);
+    options.snapshot = name;
+    if (options.expectedSize === undefined && source.sizeBytes !== undefined) options.expectedSize = source.sizeBytes;
+    const out = createSnapshotStream(image, options);
+    await runWithProgress(out, source.stream, `save ${name}`, options.expectedSize, flags.quiet);
+    process.stderr.write(
+      flags.quiet === true ? '' : `saved snapshot '${name}' in ${image}: ${formatBytes(out.bytesWritten)} of vmstate\n`,
+    );
+  });
+}

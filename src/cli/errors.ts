@@ -1,0 +1,110 @@
+/**
+ * How the command line reports failure: one line `snapstream: CODE: message`,
+ * then a hint line where one helps, and an exit code.
+ *
+ *   0  success
+ *   1  the operation failed (I/O, a locked image, a missing snapshot, ...)
+ *   2  usage: unknown command or option, missing argument, bad size or value
+ */
+import { readFileSync } from 'node:fs';
+import { isSnapshotError } from '../index.js';
+import { describeHolder, findLockHolders, type LockHolder } from './lock-holder.js';
+
+export const ExitCode = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
+export type ExitCode = (typeof ExitCode)[keyof typeof ExitCode];
+
+/** A mistake on the command line; exits 2. */
+export class UsageError extends Error {
+  constructor(
+    message: string,
+    readonly hint?: string,
+  ) {
+    super(message);
+    this.name = 'UsageError';
+  }
+}
+
+export interface Reported {
+  lines: string[];
+  exitCode: ExitCode;
+}
+
+/** What the failing command was working on, for hints that name it. */
+export interface ErrorContext {
+  image?: string;
+}
+
+/** Option names in API messages (`options.bufferSize`) as the user typed them (`--buffer-size`). */
+function toFlagNames(message: string): string {
+  return message.replace(/options\.([a-zA-Z]+)/g, (_, name: string) => `--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`);
+}
+
+/** Who holds the image: the pid the message names, else a look through /proc. */
+function lockHint(message: string, image: string | undefined): string {
+  const named = /process (\d+)/.exec(message)?.[1];
+  const holders: LockHolder[] =
+    named !== undefined ? [{ pid: Number(named), comm: readComm(Number(named)) }] : image === undefined ? [] : findLockHolders(image);
+  const advice = "stop it first, or save a running VM's state to a raw volume with 'snapstream write'";
+  const first = holders[0];
+  if (first === undefined) return `a QEMU or another snapstream has the image open; ${advice}`;
+  return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: ${advice}`;
+}
+
+function readComm(pid: number): string {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '?';
+  }
+}
+
+function hintFor(code: string, message: string, context: ErrorContext): string | undefined {
+  const image = context.image ?? 'IMAGE';
+  switch (code) {
+    case 'IMAGE_LOCKED':
+      return lockHint(message, context.image);
+    case 'DIRECT_IO_UNSUPPORTED':
+      return `this filesystem refuses O_DIRECT; try --direct=auto (uses the page cache there)`;
+    case 'SNAPSHOT_NOT_FOUND':
+      return `see the snapshots with: snapstream list ${image}`;
+    case 'SNAPSHOT_EXISTS':
+      return `choose another name, or remove the old one: snapstream delete ${image} NAME`;
+    case 'ENOSPC':
+      return `the target is full; --expected-size SIZE --preallocate reserves the space before the first byte`;
+    case 'NOT_RAW':
+      return `the target looks like a disk image; snapstream will not overwrite it as raw`;
+    case 'QCOW2_CORRUPT':
+      return `check the image with: qemu-img check ${image}`;
+    default:
+      return undefined;
+  }
+}
+
+/** Turns anything thrown by a command into printed lines and an exit code. */
+export function reportError(err: unknown, context: ErrorContext = {}): Reported {
+  if (err instanceof UsageError) {
+    const lines = [`snapstream: USAGE: ${err.message}`];
+    if (err.hint !== undefined) lines.push(`hint: ${err.hint}`);
+    return { lines, exitCode: ExitCode.USAGE };
+  }
+  // The API throws option mistakes synchronously as TypeError/RangeError naming the option.
+  if (!isSnapshotError(err) && (err instanceof TypeError || err instanceof RangeError) && /options\.|Expected/.test(err.message)) {
+    return { lines: [`snapstream: USAGE: ${toFlagNames(err.message)}`], exitCode: ExitCode.USAGE };
+  }
+  const e = err as { code?: unknown; message?: unknown } | null;
+  const code = typeof e?.code === 'string' ? e.code : 'INTERNAL';
+  const text = typeof e?.message === 'string' ? e.message.split('\n')[0]! : String(err);
+  // Node's own errors already start with their code ("ENOENT: no such file ..."): say it once.
+  const message = text.startsWith(`${code}: `) ? text.slice(code.length + 2) : text;
+  const lines = [`snapstream: ${code}: ${message}`];
+  const hint = hintFor(code, message, context);
+  if (hint !== undefined) lines.push(`hint: ${hint}`);
+  if (code === 'INTERNAL' && err instanceof Error && process.env.SNAPSTREAM_DEBUG) lines.push(String(err.stack));
+  return { lines, exitCode: ExitCode.FAILURE };
+}
+
+/** EPIPE on stdout: the reader went away (`| head`). Not worth a message. */
+export function isBrokenPipe(err: unknown): boolean {
+  const e = err as { code?: unknown; cause?: { code?: unknown } } | null;
+  return e?.code === 'EPIPE' || e?.cause?.code === 'EPIPE';
+}
