@@ -99,6 +99,16 @@ export class Image {
   static async open(path: string, options: OpenImageOptions = {}): Promise<Image> {
     const readOnly = options.readOnly === true || options.forceShare === true;
     const file = await TargetFile.open(path, { write: !readOnly, create: false, direct: false });
+    return Image.fromFile(file, options);
+  }
+
+  /**
+   * @internal Opens an image on an already open metadata file (tests wrap it
+   * to record or fail writes). Takes ownership of `file`.
+   */
+  static async fromFile(file: MetaFile, options: OpenImageOptions = {}): Promise<Image> {
+    const { path } = file;
+    const readOnly = options.readOnly === true || options.forceShare === true;
     const locks = options.forceShare === true ? undefined : readOnly ? READER_LOCKS : WRITER_LOCKS;
     try {
       if (locks !== undefined) await acquireImageLocks(file, locks);
