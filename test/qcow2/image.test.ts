@@ -101,3 +101,49 @@ describe.skipIf(qemuMissing)('qcow2 image: open, list, export, delete, check', (
     }
   });
 });
+
+describe.skipIf(qemuMissing)('qcow2 image: delete', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-delete');
+  });
+  afterAll(async () => work.cleanup());
+
+  it('deletes a snapshot QEMU savevm wrote, vmstate included, leaving qemu-img check clean', async () => {
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await guestWrite(path, 'write -P 0x10 0 1M');
+    await withPausedVm({ ramMiB: 32, image: path }, async (vm) => {
+      await vm.savevm('one');
+      await vm.savevm('two');
+    });
+    const img = await openImage(path);
+    try {
+      await img.deleteSnapshot('one');
+      await img.deleteSnapshot('2');
+      expect(img.snapshots()).toEqual([]);
+      expect(await img.check()).toMatchObject({ corruptions: 0, leaks: 0 });
+    } finally {
+      await img.close();
+    }
+    const check = await qemuImg.check(path);
+    expect(check.exitCode, JSON.stringify(check)).toBe(0);
+    await qemuIo(path, ['read -P 0x10 0 1M']);
+  });
+
+  it('refuses unknown snapshots with SNAPSHOT_NOT_FOUND and read-only images with IMAGE_READ_ONLY', async () => {
+    const path = await work.image({ sizeBytes: 16 << 20 });
+    await qemuImg.snapshot(path, 'create', 'x');
+    const img = await openImage(path);
+    await expect(img.deleteSnapshot('nope')).rejects.toMatchObject({ code: 'SNAPSHOT_NOT_FOUND' });
+    expect(() => img.createVmStateReadStream('nope')).toThrow(expect.objectContaining({ code: 'SNAPSHOT_NOT_FOUND' }));
+    await img.close();
+    await expect(img.check()).rejects.toMatchObject({ code: 'IMAGE_CLOSED' });
+    const ro = await openImage(path, { readOnly: true });
+    await expect(ro.deleteSnapshot('x')).rejects.toMatchObject({ code: 'IMAGE_READ_ONLY' });
+    await expect(ro.beginSave('y')).rejects.toMatchObject({ code: 'IMAGE_READ_ONLY' });
+    expect(() => ro.beginSave('')).toThrow(TypeError);
+    expect(() => ro.beginSave('n'.repeat(256))).toThrow(RangeError);
+    await ro.close();
+  });
+});

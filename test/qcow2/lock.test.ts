@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { TargetFile } from '../../src/io/target-file.js';
 import { openImage } from '../../src/qcow2/image.js';
-import { findTool, qemuImg, run } from '../helpers/tools.js';
+import { findTool, qemuImg, requireTool, run } from '../helpers/tools.js';
 import { qemuMissing, Workdir } from './fixtures.js';
 
 /** Starts `qemu-io [-r] -c 'sleep 60000' path` and resolves once its lock bytes are visible. */
@@ -80,5 +80,37 @@ describe.skipIf(qemuMissing)("QEMU's image locking protocol", () => {
     }
     const io = await run('qemu-io', ['-f', 'qcow2', '-c', 'read 0 512', path]);
     expect(io.stdout).toMatch(/read 512\/512 bytes/);
+  });
+});
+
+const vmMissing = qemuMissing ?? requireTool('qemu-system-x86_64');
+
+describe.skipIf(vmMissing)('locking against a running QEMU', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-lock-vm');
+  });
+  afterAll(async () => work.cleanup());
+
+  it('refuses with IMAGE_LOCKED while qemu-system-x86_64 has the image attached', async () => {
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    const path = await work.image({ sizeBytes: 16 << 20 });
+    await withPausedVm({ ramMiB: 32, image: path }, async () => {
+      await expect(openImage(path)).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+      await expect(openImage(path, { readOnly: true })).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+    });
+    const img = await openImage(path);
+    await img.close();
+  });
+
+  it('makes QEMU refuse to start on an image snapstream holds for writing', async () => {
+    const { startPausedVm } = await import('../helpers/qemu.js');
+    const path = await work.image({ sizeBytes: 16 << 20 });
+    const img = await openImage(path);
+    try {
+      await expect(startPausedVm({ ramMiB: 32, image: path })).rejects.toThrow(/lock/i);
+    } finally {
+      await img.close();
+    }
   });
 });
