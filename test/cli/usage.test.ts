@@ -69,4 +69,10 @@ describe('snapstream usage', () => {
       'snapstream: USAGE: Expected a positive multiple of the alignment (4096) for --buffer-size, received 1000',
     );
   });
+
+  it('bench passes its arguments on to bench/run.js and exits with its status', async () => {
+    const r = await runBin(['bench', '--', '--help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout.toString()).toMatch(/^usage: node bench\/run\.js/);
+  });
 });
