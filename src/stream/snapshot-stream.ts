@@ -149,7 +149,42 @@ export class SnapshotStream extends Writable {
       this.destroy(err);
       return false;
     }
+    if (encoding === undefined && callback === undefined && this._copyNow(chunk)) return true;
     return super.write(chunk, encoding as BufferEncoding, callback as Callback);
+  }
+
+  /**
+   * The fast path, as sonic-boom has one: when Writable holds nothing back
+   * (open, not corked, nothing queued, no callback held, no error, not ended)
+   * and the chunk fits in the FILLING buffer, copy it right here. Writable's
+   * per-call bookkeeping costs ~350 ns, more than copying a 4 KiB page
+   * (bench: 0.54 vs 0.36 CPU s/GiB). Anything else takes the ordinary path,
+   * so ordering, backpressure and errors are unchanged.
+   */
+  private _copyNow(chunk: Uint8Array): boolean {
+    const ring = this._ring;
+    if (
+      ring === undefined ||
+      this._held !== null ||
+      this._error !== undefined ||
+      this.writableLength !== 0 ||
+      this.writableCorked !== 0 ||
+      this.writableEnded ||
+      this.destroyed
+    ) {
+      return false;
+    }
+    const n = chunk.byteLength;
+    if (this._fillLen + n > ring.bufferSize || this._checkCapacity(n) !== undefined) return false;
+    if (this._fill < 0) {
+      this._fill = ring.acquire();
+      if (this._fill < 0) return false; // every buffer in flight: Writable holds the chunk
+    }
+    (ring.buffers[this._fill] as Uint8Array).set(chunk, this._fillLen);
+    this._fillLen += n;
+    this._accepted += n;
+    if (this._fillLen === ring.bufferSize) this._submitFill(ring.bufferSize);
+    return true;
   }
 
   override _write(chunk: unknown, _encoding: BufferEncoding, callback: Callback): void {
