@@ -82,7 +82,9 @@ export function validateNewSnapshotName(name: unknown, option = 'name'): string 
 export class Image {
   readonly path: string;
   readonly readOnly: boolean;
-  private readonly _state: ImageState;
+  private _state: ImageState;
+  /** A write failed midway: the in-memory metadata may differ from the disk; reload before the next operation. */
+  private _stale = false;
   private readonly _locks: LockPlan | undefined;
   private _queue: Promise<unknown> = Promise.resolve();
   private _save: SaveTransaction | undefined;
@@ -159,7 +161,12 @@ export class Image {
       this.assertWritable();
       const index = findSnapshot(this._state.snapshots, idOrName);
       if (index < 0) throw notFound(idOrName);
-      return toInfo(await deleteSnapshotAt(this._state, index));
+      try {
+        return toInfo(await deleteSnapshotAt(this._state, index));
+      } catch (err) {
+        this._stale = true;
+        throw err;
+      }
     });
   }
 
@@ -196,6 +203,7 @@ export class Image {
         const entry = await save.commit(meta);
         return toInfo(entry);
       } catch (err) {
+        this._stale = true;
         await save.abort().catch(() => undefined);
         throw err;
       } finally {
@@ -255,10 +263,15 @@ export class Image {
   }
 
   private exclusive<T>(task: () => Promise<T>): Promise<T> {
-    const run = this._queue.then(
-      () => (this.assertOpen(), task()),
-      () => (this.assertOpen(), task()),
-    );
+    const start = async (): Promise<T> => {
+      this.assertOpen();
+      if (this._stale) {
+        this._state = await loadImageState(this._state.file);
+        this._stale = false;
+      }
+      return task();
+    };
+    const run = this._queue.then(start, start);
     this._queue = run.catch(() => undefined);
     return run;
   }

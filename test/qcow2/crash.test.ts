@@ -19,6 +19,8 @@ import { Image, openImage } from '../../src/qcow2/image.js';
 import { pseudoRandom } from '../helpers/streams.js';
 import { qemuImg, qemuIo, run } from '../helpers/tools.js';
 import { guestWrite, qemuMissing, Workdir } from './fixtures.js';
+import { SnapshotError } from '../../src/errors.js';
+import { stat } from 'node:fs/promises';
 
 type Event = { kind: 'write'; offset: number; data: Buffer } | { kind: 'sync' };
 
@@ -53,6 +55,18 @@ class RecordingFile implements MetaFile {
   }
   close(): Promise<void> {
     return this._inner.close();
+  }
+}
+
+/** Fails the `failAt`-th write (1-based, counted once armed) with EIO, like a dying disk. */
+class FailingFile extends RecordingFile {
+  failAt = 0;
+  private _writes = 0;
+  override async write(buffer: Uint8Array, position: number): Promise<void> {
+    if (this.failAt > 0 && ++this._writes === this.failAt) {
+      throw new SnapshotError('EIO', `injected EIO at write ${this._writes}`, { syscall: 'pwrite', offset: position });
+    }
+    await super.write(buffer, position);
   }
 }
 
@@ -174,6 +188,55 @@ describe.skipIf(qemuMissing)('crash consistency (replayed crashes at every sync 
     }
     for (const { label, bytes } of crashImages(base, recorder.events)) {
       await verify(`delete, ${label}`, bytes, { before: ['keep', 'drop'], after: ['keep'] });
+    }
+  });
+
+  it('a save whose commit fails with EIO at any write leaves a usable image, truncated back when nothing was referenced', async () => {
+    const template = await work.image({ sizeBytes: 64 << 20, clusterSize: 65536 });
+    await guestWrite(template, 'write -P 0x61 0 1M', 'write -P 0x62 1M 1M');
+    await qemuImg.snapshot(template, 'create', 'old');
+    const vm = pseudoRandom(150_000, 7);
+    for (let failAt = 1; ; failAt++) {
+      const path = work.path('eio');
+      await copyFile(template, path);
+      const sizeBefore = (await stat(path)).size;
+      const file = new FailingFile(await TargetFile.open(path, { write: true, direct: false }));
+      const img = await Image.fromFile(file);
+      let failed = false;
+      try {
+        const { hostOffset } = await img.beginSave('new');
+        const data = await TargetFile.open(path, { write: true, direct: false });
+        await data.write(vm, hostOffset);
+        await data.datasync();
+        await data.close();
+        file.failAt = failAt;
+        await img.commitSave({ vmStateSize: vm.length }).catch((err: unknown) => {
+          expect(err).toMatchObject({ code: 'EIO' });
+          failed = true;
+        });
+        const after = await img.check();
+        expect(after.corruptions, after.messages.join('\n')).toBe(
+          after.messages.filter((m) => m.includes('OFLAG_COPIED')).length,
+        );
+        if (failed && !img.snapshots().some((s) => s.name === 'new') && file.events.filter((e) => e.kind === 'sync').length === 0) {
+          expect((await stat(path)).size, `write ${failAt}`).toBe(sizeBefore);
+        }
+      } finally {
+        await img.close();
+      }
+      await run('qemu-img', ['check', '-r', 'all', path]);
+      expect((await qemuImg.check(path)).exitCode, `write ${failAt}`).toBe(0);
+      const again = await openImage(path);
+      try {
+        await again.deleteSnapshot('old');
+      } finally {
+        await again.close();
+      }
+      expect((await qemuImg.check(path)).exitCode, `write ${failAt}`).toBe(0);
+      if (!failed) {
+        expect(failAt, 'commit performs several metadata writes').toBeGreaterThan(5);
+        break;
+      }
     }
   });
 });
