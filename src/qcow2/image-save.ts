@@ -81,8 +81,12 @@ export class SaveTransaction implements SaveReservation {
     this._fileSizeAtBegin = state.fileSizeBytes;
   }
 
-  /** Reserves the vmstate run. The caller has checked the name and holds the write lock. */
-  static async begin(state: ImageState, name: string): Promise<SaveTransaction> {
+  /**
+   * Reserves the vmstate run. The caller has checked the name and holds the
+   * write lock. `alignmentBytes` (a power of two, e.g. the O_DIRECT alignment)
+   * may push the start past the end of file; the clusters skipped stay free.
+   */
+  static async begin(state: ImageState, name: string, alignmentBytes = 1): Promise<SaveTransaction> {
     const { layout, header } = state;
     const rc = await RefcountStore.load(
       state.file,
@@ -91,7 +95,8 @@ export class SaveTransaction implements SaveReservation {
       header.refcountTableClusters,
       state.fileSizeBytes,
     );
-    const hostOffset = await rc.allocationEnd(state.fileSizeBytes);
+    const step = Math.max(layout.clusterSize, alignmentBytes);
+    const hostOffset = Math.ceil((await rc.allocationEnd(state.fileSizeBytes)) / step) * step;
     const vmIndex = layout.vmStateL1Index(header.size);
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
     const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - hostOffset));

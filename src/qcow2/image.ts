@@ -179,8 +179,12 @@ export class Image {
    * the end of the file. Write the vmstate at `hostOffset`, fdatasync it,
    * then call commitSave() (or abortSave()).
    */
-  beginSave(name: string): Promise<SaveReservation> {
+  beginSave(name: string, options: { alignment?: number } = {}): Promise<SaveReservation> {
     validateNewSnapshotName(name);
+    const alignment = options.alignment ?? 1;
+    if (!Number.isInteger(alignment) || alignment < 1 || alignment > 1 << 20 || (alignment & (alignment - 1)) !== 0) {
+      throw new RangeError(`Expected a power of two up to 1 MiB for options.alignment, received ${String(alignment)}`);
+    }
     return this.exclusive(async () => {
       this.assertWritable();
       if (this._save !== undefined) throw new SnapshotError(ErrorCode.EINVAL, 'a save is already in progress');
@@ -189,7 +193,7 @@ export class Image {
       if (snapshots.length >= QCOW_MAX_SNAPSHOTS) {
         throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the image already has ${QCOW_MAX_SNAPSHOTS} snapshots`);
       }
-      this._save = await SaveTransaction.begin(this._state, name);
+      this._save = await SaveTransaction.begin(this._state, name, alignment);
       return { hostOffset: this._save.hostOffset, maxLength: this._save.maxLength };
     });
   }
@@ -223,12 +227,12 @@ export class Image {
 
   /** A StreamSink (src/stream/sink.ts) that saves into snapshot `name` of this image. */
   async openSnapshotSink(name: string, options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'>): Promise<StreamSink> {
-    const reservation = await this.beginSave(name);
-    let data: TargetFile;
+    const data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: 2 });
+    let reservation: SaveReservation;
     try {
-      data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: 2 });
+      reservation = await this.beginSave(name, { alignment: data.alignment });
     } catch (err) {
-      await this.abortSave();
+      await data.close().catch(() => undefined);
       throw err;
     }
     return {

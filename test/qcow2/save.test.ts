@@ -116,6 +116,22 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     ]);
   });
 
+  it('streams with O_DIRECT into 512-byte clusters by starting the vmstate on an aligned offset', async () => {
+    const path = await work.image({ sizeBytes: 8 << 20, clusterSize: 512 });
+    await guestWrite(path, 'write -P 0x5a 0 100k');
+    const vmstate = pseudoRandom(1_000_003, 9);
+    const img = await openImage(path);
+    try {
+      const stream = img.createSnapshotStream('small-clusters', { bufferSize: 256 * 1024 });
+      await pipeline(fromChunks([vmstate]), stream);
+      expect(stream.direct).toBe(true);
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect(sha(await exportVmState(path, 'small-clusters'))).toBe(sha(vmstate));
+  });
+
   it('abortSave truncates the file back and leaves qemu-img check clean', async () => {
     const path = await work.image({ sizeBytes: 64 << 20 });
     await guestWrite(path, 'write -P 0x01 0 1M');
@@ -135,9 +151,8 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     expect((await qemuImg.check(path)).exitCode).toBe(0);
   });
 
-  it('grows the refcount table when the vmstate needs it (4 KiB clusters, 8-bit refcounts)', async () => {
-    // 4 KiB clusters, 8-bit refcounts: one refcount block covers 16 MiB, one table cluster 8 GiB;
-    // 1-bit refcounts cover less but cannot hold snapshot references.
+  it('adds refcount blocks when the vmstate needs them (4 KiB clusters, 8-bit refcounts)', async () => {
+    // 4 KiB clusters, 8-bit refcounts: one refcount block covers 16 MiB, so 40 MiB needs new blocks.
     const path = await work.image({ sizeBytes: 16 << 20, clusterSize: 4096, refcountBits: 8 });
     await guestWrite(path, 'write -P 0x42 0 1M');
     const vmstate = pseudoRandom(40 << 20, 11);
@@ -217,6 +232,31 @@ describe.skipIf(vmMissing)('qcow2 save read back by QEMU loadvm', () => {
       expect(['paused', 'prelaunch']).toContain(await vm.status());
     });
     await qemuIo(path, ['read -P 0x77 0 2M']);
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+
+  it('saves next to a QEMU savevm snapshot (active L1 still maps the vmstate area) and QEMU loads both', async () => {
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    const path = await work.image({ sizeBytes: 64 << 20 });
+    await guestWrite(path, 'write -P 0x31 0 1M');
+    await withPausedVm({ ramMiB: 32, image: path }, async (vm) => vm.savevm('qemu-snap'));
+    const qemuState = await exportVmState(path, 'qemu-snap');
+    await guestWrite(path, 'write -P 0x32 0 1M');
+    const img = await openImage(path);
+    try {
+      await saveWithCalls(img, 'ours', qemuState);
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect((await exportVmState(path, 'qemu-snap')).equals(qemuState)).toBe(true);
+    await withPausedVm({ ramMiB: 32, image: path }, async (vm) => {
+      await vm.loadvm('ours');
+      await vm.loadvm('qemu-snap');
+    });
+    await qemuIo(path, ['read -P 0x31 0 1M']);
+    await qemuImg.snapshot(path, 'apply', 'ours');
+    await qemuIo(path, ['read -P 0x32 0 1M']);
     expect((await qemuImg.check(path)).exitCode).toBe(0);
   });
 });
