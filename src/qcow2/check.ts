@@ -88,8 +88,8 @@ class Checker {
     this.inc(offset, entries * 8);
     const l1 = new L1Table(await readPadded(file, offset, entries * 8, fileSizeBytes), layout);
     for (let i = 0; i < l1.entries; i++) {
+      if (l1.raw(i) === 0n) continue;
       const l2Offset = l1.rawOffset(i);
-      if (l2Offset === 0 && !l1.isCopied(i)) continue;
       const problem = l1.problem(i);
       if (problem !== undefined && problem.startsWith('reserved')) this.corruption(`L1 entry ${i} has reserved bits set`);
       this.inc(l2Offset, layout.clusterSize);

@@ -9,7 +9,7 @@ import type { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
 import { validateStreamOptions, type ResolvedStreamOptions, type StreamOptions } from '../options.js';
-import type { StreamSink } from '../stream/sink.js';
+import type { SinkFactory, StreamSink } from '../stream/sink.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { checkImage, type CheckResult } from './check.js';
 import { corrupt } from './fail.js';
@@ -295,4 +295,33 @@ export function openImage(path: string, options: OpenImageOptions = {}): Promise
   if (typeof path !== 'string' || path.length === 0) throw new TypeError(`Expected a non-empty path for path, received ${String(path)}`);
   if (options === null || typeof options !== 'object') throw new TypeError('Expected an object for options');
   return Image.open(path, options);
+}
+
+/**
+ * The sink behind `createSnapshotStream(path, { snapshot })`: opens the image
+ * for writing (taking QEMU's locks), reserves the vmstate run, and closes the
+ * image after the stream is done, committed or not.
+ */
+export function qcow2SinkFactory(path: string, options: ResolvedStreamOptions): SinkFactory {
+  const name = validateNewSnapshotName(options.snapshot, 'options.snapshot');
+  return async () => {
+    const img = await Image.open(path);
+    let sink: StreamSink;
+    try {
+      sink = await img.openSnapshotSink(name, options);
+    } catch (err) {
+      await img.close().catch(() => undefined);
+      throw err;
+    }
+    return {
+      ...sink,
+      close: async () => {
+        try {
+          await sink.close();
+        } finally {
+          await img.close();
+        }
+      },
+    };
+  };
 }

@@ -132,6 +132,44 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     expect(sha(await exportVmState(path, 'small-clusters'))).toBe(sha(vmstate));
   });
 
+  it('saves through the path-based sink factory, which closes the image afterwards', async () => {
+    const { SnapshotStream } = await import('../../src/stream/snapshot-stream.js');
+    const { validateStreamOptions } = await import('../../src/options.js');
+    const { qcow2SinkFactory } = await import('../../src/qcow2/image.js');
+    const path = await work.image({ sizeBytes: 32 << 20 });
+    const vmstate = pseudoRandom(777_777, 3);
+    const opts = validateStreamOptions({ snapshot: 'by-path', vmClockNs: 5_000_000_000n });
+    await pipeline(fromChunks([vmstate]), new SnapshotStream(opts, qcow2SinkFactory(path, opts)));
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect(await qemuImg.snapshotList(path)).toMatchObject([{ name: 'by-path', vmStateSize: 777_777, vmClockNs: 5_000_000_000n }]);
+    const img = await openImage(path);
+    await img.close();
+  });
+
+  it('an aborted stream leaves no snapshot, the old file length and a clean image', async () => {
+    const path = await work.image({ sizeBytes: 32 << 20 });
+    await guestWrite(path, 'write -P 0x12 0 1M');
+    const before = (await stat(path)).size;
+    const img = await openImage(path);
+    try {
+      const controller = new AbortController();
+      const stream = img.createSnapshotStream('aborted', { bufferSize: 1 << 20, signal: controller.signal });
+      const source = (async function* () {
+        for (let i = 0; i < 8; i++) yield pseudoRandom(1 << 20, i);
+        controller.abort();
+        yield pseudoRandom(1 << 20, 99);
+      })();
+      await expect(pipeline(source, stream)).rejects.toMatchObject({ code: 'ABORTED' });
+      expect(img.snapshots()).toEqual([]);
+      await saveWithCalls(img, 'after-abort', Buffer.from('still usable'));
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect((await qemuImg.snapshotList(path)).map((s) => s.name)).toEqual(['after-abort']);
+    expect((await stat(path)).size).toBeLessThan(before + (1 << 20));
+  });
+
   it('abortSave truncates the file back and leaves qemu-img check clean', async () => {
     const path = await work.image({ sizeBytes: 64 << 20 });
     await guestWrite(path, 'write -P 0x01 0 1M');
