@@ -95,7 +95,7 @@ export function parseSeed(label: string, bytes: Buffer): SeedImage {
  * clusters, and v2 (compat=0.10).
  */
 export async function makeSeeds(dir: string): Promise<SeedImage[]> {
-  const specs = [
+  const specs: { label: string; options: Record<string, string | number> }[] = [
     { label: 'v3-64k', options: { cluster_size: 65536 } },
     { label: 'v3-4k', options: { cluster_size: 4096 } },
     { label: 'v2-64k', options: { cluster_size: 65536, compat: '0.10' } },
