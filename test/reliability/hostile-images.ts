@@ -239,12 +239,19 @@ function snapshotEntryCases(seed: SeedImage): HostileCase[] {
   const e = seed.snapshotsOffset;
   const open = (name: string, bytes: Buffer): HostileCase => ({ name, stage: 'open', bytes });
   return [
-    open('snapshot id and name each 65535 bytes (the entry runs into other clusters or past the end)', (() => {
+    // The u16 sizes are legal, so open (like QEMU's) accepts the entry; its
+    // bytes run through clusters that L2 tables and data own, which only a
+    // refcount/overlap pass sees. A save must not free that span.
+    {
+      name: 'snapshot id and name each 65535 bytes (the entry runs into other clusters or past the end)',
+      stage: 'save',
+      bytes: (() => {
       const b = copy(seed);
       b.writeUInt16BE(0xffff, e + S.idSize);
       b.writeUInt16BE(0xffff, e + S.nameSize);
       return b;
-    })()),
+      })(),
+    },
     open('snapshot extra data 0xffffffff bytes', u32(seed, e + S.extraDataSize, 0xffffffff)),
     open('snapshot extra data 1025 bytes (above QEMU\'s 1024)', u32(seed, e + S.extraDataSize, 1025)),
     open('snapshot L1 size 0xffffffff', u32(seed, e + S.l1Size, 0xffffffff)),
