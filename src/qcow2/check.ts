@@ -33,6 +33,8 @@ export interface CheckResult {
   allocatedClusters: number;
   fragmentedClusters: number;
   compressedClusters: number;
+  /** The part of `corruptions` that is only a COPIED flag disagreeing with its refcount (harmless, repairable). */
+  copiedFlagErrors: number;
   /** One line per finding, worded like qemu-img's stderr. */
   messages: string[];
 }
@@ -41,6 +43,8 @@ class Checker {
   readonly result: CheckResult;
   private _refs: Uint32Array;
   private readonly _state: ImageState;
+  /** L2 tables by host offset: how many L1 references reach each, and whether the active L1 does. */
+  private readonly _l2Uses = new Map<number, { count: number; active: boolean }>();
 
   constructor(state: ImageState) {
     this._state = state;
@@ -56,6 +60,7 @@ class Checker {
       allocatedClusters: 0,
       fragmentedClusters: 0,
       compressedClusters: 0,
+      copiedFlagErrors: 0,
       messages: [],
     };
   }
@@ -64,24 +69,29 @@ class Checker {
     return this._refs;
   }
 
-  corruption(message: string): void {
-    this.result.corruptions++;
-    this.result.messages.push(`ERROR ${message}`);
+  corruption(message: string, times = 1): void {
+    this.result.corruptions += times;
+    this.result.messages.push(`ERROR ${message}${times > 1 ? ` (x${times})` : ''}`);
   }
 
-  /** qcow2_inc_refcounts_imrt(): one expected reference for every cluster of [offset, offset + size). */
-  inc(offset: number, size: number): void {
+  /** qcow2_inc_refcounts_imrt(): `times` expected references for every cluster of [offset, offset + size). */
+  inc(offset: number, size: number, times = 1): void {
     if (size <= 0) return;
     const { layout, fileSizeBytes } = this._state;
     if (offset + size - fileSizeBytes >= layout.clusterSize) {
-      this.corruption(`counting reference for region exceeding the end of the file: offset ${offset} size ${size}`);
+      this.corruption(`counting reference for region exceeding the end of the file: offset ${offset} size ${size}`, times);
       return;
     }
     const last = layout.clusterIndex(offset + size - 1);
-    for (let k = layout.clusterIndex(offset); k <= last; k++) this._refs[k] = this._refs[k]! + 1;
+    for (let k = layout.clusterIndex(offset); k <= last; k++) this._refs[k] = this._refs[k]! + times;
   }
 
-  /** check_refcounts_l1(): the table, each L2 table, each cluster the L2 entries use. */
+  /**
+   * check_refcounts_l1(): the table and each L2 table it references. The L2
+   * tables' contents are counted later, once per distinct table times its
+   * references (snapshots share most L2 tables; reading each once keeps a
+   * check before every save cheap).
+   */
   async countL1(offset: number, entries: number, active: boolean): Promise<void> {
     if (entries === 0) return;
     const { layout, file, fileSizeBytes } = this._state;
@@ -95,19 +105,29 @@ class Checker {
       this.inc(l2Offset, layout.clusterSize);
       if (!layout.isAligned(l2Offset)) this.corruption(`l2_offset=${l2Offset}: table is not cluster aligned`);
       if (l2Offset + layout.clusterSize > layout.alignUp(fileSizeBytes)) continue;
-      const bytes = await readPadded(file, layout.clusterIndex(l2Offset) * layout.clusterSize, layout.clusterSize, fileSizeBytes);
-      this.countL2(new L2Table(bytes, l2Offset, layout), active);
+      const use = this._l2Uses.get(l2Offset) ?? { count: 0, active: false };
+      this._l2Uses.set(l2Offset, { count: use.count + 1, active: use.active || active });
     }
   }
 
-  private countL2(l2: L2Table, active: boolean): void {
+  /** check_refcounts_l2() for every distinct L2 table recorded by countL1(). */
+  async countL2Tables(): Promise<void> {
+    const { layout, file, fileSizeBytes } = this._state;
+    for (const [l2Offset, use] of [...this._l2Uses].sort((a, b) => a[0] - b[0])) {
+      const bytes = await readPadded(file, layout.clusterIndex(l2Offset) * layout.clusterSize, layout.clusterSize, fileSizeBytes);
+      this.countL2(new L2Table(bytes, l2Offset, layout), use.count, use.active);
+    }
+  }
+
+  private countL2(l2: L2Table, times: number, active: boolean): void {
     const { layout } = this._state;
     let nextContiguous = 0;
     for (let i = 0; i < l2.entries; i++) {
+      if (l2.isUnallocated(i)) continue;
       const entry = l2.classify(i);
-      if (entry.kind === 'invalid') this.corruption(`L2 table at ${l2.hostOffset} entry ${i}: ${entry.problem}`);
+      if (entry.kind === 'invalid') this.corruption(`L2 table at ${l2.hostOffset} entry ${i}: ${entry.problem}`, times);
       if (entry.baseKind === 'compressed') {
-        this.inc(entry.hostOffset, entry.compressedBytes);
+        this.inc(entry.hostOffset, entry.compressedBytes, times);
         const span = compressedClusterSpan(entry, layout);
         if (span.last < span.first) continue;
         if (active) {
@@ -121,7 +141,7 @@ class Checker {
           if (nextContiguous !== 0 && entry.hostOffset !== nextContiguous) this.result.fragmentedClusters++;
           nextContiguous = entry.hostOffset + layout.clusterSize;
         }
-        this.inc(entry.hostOffset, layout.clusterSize);
+        this.inc(entry.hostOffset, layout.clusterSize, times);
       }
     }
   }
@@ -187,14 +207,17 @@ async function checkCopied(checker: Checker, state: ImageState, rc: RefcountStor
     const l2Refcount = await rc.getAsync(layout.clusterIndex(l2Offset));
     if ((l2Refcount === 1) !== l1.isCopied(i)) {
       checker.corruption(`OFLAG_COPIED L2 cluster: l1_index=${i} refcount=${l2Refcount}`);
+      checker.result.copiedFlagErrors++;
     }
     const l2 = new L2Table(await readPadded(file, l2Offset, layout.clusterSize, fileSizeBytes), l2Offset, layout);
     for (let j = 0; j < l2.entries; j++) {
+      if (l2.isUnallocated(j)) continue;
       const entry = l2.classify(j);
       if (entry.baseKind !== 'normal' && entry.baseKind !== 'zero-alloc') continue;
       const refcount = await rc.getAsync(layout.clusterIndex(entry.hostOffset));
       if ((refcount === 1) !== entry.copied) {
         checker.corruption(`OFLAG_COPIED data cluster: offset=${entry.hostOffset} refcount=${refcount}`);
+        checker.result.copiedFlagErrors++;
       }
     }
   }
@@ -215,6 +238,7 @@ export async function checkImage(state: ImageState): Promise<CheckResult> {
   checker.inc(0, layout.clusterSize);
   await checker.countL1(header.l1TableOffset, header.l1Size, true);
   await checker.countSnapshots();
+  await checker.countL2Tables();
   checker.inc(header.refcountTableOffset, header.refcountTableClusters * layout.clusterSize);
   await countBitmaps(checker, state);
   checker.countRefcountBlocks(rc);

@@ -145,6 +145,11 @@ export class L2Table {
     return this._layout.l2Entries;
   }
 
+  /** True for an all-zero entry (unallocated): the common case, checked without decoding. */
+  isUnallocated(i: number): boolean {
+    return this.bytes.readUInt32BE(i * 8) === 0 && this.bytes.readUInt32BE(i * 8 + 4) === 0;
+  }
+
   /** Decodes entry `i` without throwing; see L2Classification. */
   classify(i: number): L2Classification {
     const hi = this.bytes.readUInt32BE(i * 8);

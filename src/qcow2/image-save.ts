@@ -280,6 +280,7 @@ export async function updateCopiedFlags(state: ImageState, rc: RefcountStore): P
     await rc.preload(dataClusters);
     let changed = false;
     for (let i = 0; i < l2.entries; i++) {
+      if (l2.isUnallocated(i)) continue;
       const entry = l2.entry(i);
       if (entry.kind !== 'normal' && entry.kind !== 'zero-alloc') continue;
       changed = l2.setCopied(i, rc.get(layout.clusterIndex(entry.hostOffset)) === 1) || changed;

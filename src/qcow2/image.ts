@@ -85,6 +85,8 @@ export class Image {
   private _state: ImageState;
   /** A write failed midway: the in-memory metadata may differ from the disk; reload before the next operation. */
   private _stale = false;
+  /** assertConsistent() passed, and only our own complete commits wrote since (we hold the lock). */
+  private _verified = false;
   private readonly _locks: LockPlan | undefined;
   private _queue: Promise<unknown> = Promise.resolve();
   private _save: SaveTransaction | undefined;
@@ -161,6 +163,7 @@ export class Image {
       this.assertWritable();
       const index = findSnapshot(this._state.snapshots, idOrName);
       if (index < 0) throw notFound(idOrName);
+      await this.assertConsistent();
       try {
         return toInfo(await deleteSnapshotAt(this._state, index));
       } catch (err) {
@@ -193,6 +196,7 @@ export class Image {
       if (snapshots.length >= QCOW_MAX_SNAPSHOTS) {
         throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the image already has ${QCOW_MAX_SNAPSHOTS} snapshots`);
       }
+      await this.assertConsistent();
       this._save = await SaveTransaction.begin(this._state, name, alignment);
       return { hostOffset: this._save.hostOffset, maxLength: this._save.maxLength };
     });
@@ -272,12 +276,36 @@ export class Image {
       if (this._stale) {
         this._state = await loadImageState(this._state.file);
         this._stale = false;
+        this._verified = false;
       }
       return task();
     };
     const run = this._queue.then(start, start);
     this._queue = run.catch(() => undefined);
     return run;
+  }
+
+  /**
+   * Refuses to write into an image whose metadata disagrees with itself
+   * (refcounts below their references, overlapping or out-of-file
+   * structures): QEMU's pre-write overlap checks, done once and completely
+   * before the first byte is written. Leaks and COPIED mismatches are fine:
+   * a save recomputes COPIED from the refcounts.
+   */
+  private async assertConsistent(): Promise<void> {
+    if (this._verified) return;
+    const result = await checkImage(this._state);
+    const structural = result.corruptions - result.copiedFlagErrors + result.checkErrors;
+    if (structural === 0) {
+      this._verified = true;
+      return;
+    }
+    const first = result.messages.find((m) => m.startsWith('ERROR') && !m.includes('OFLAG_COPIED')) ?? '';
+    throw corrupt(
+      `${structural} inconsistenc${structural === 1 ? 'y' : 'ies'} in the metadata (${first.replace(/^ERROR /, '')}); ` +
+        'refusing to write. Inspect with `qemu-img check`, repair with `qemu-img check -r all`',
+      { path: this.path },
+    );
   }
 
   private assertOpen(): void {

@@ -19,6 +19,7 @@ export interface ReachedTable {
 export function dataClustersOf(l2: L2Table, state: Pick<ImageState, 'layout'>): number[] {
   const clusters: number[] = [];
   for (let i = 0; i < l2.entries; i++) {
+    if (l2.isUnallocated(i)) continue;
     const entry = l2.entry(i);
     if (entry.kind === 'normal' || entry.kind === 'zero-alloc') {
       clusters.push(state.layout.clusterIndex(entry.hostOffset));
