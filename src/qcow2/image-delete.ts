@@ -33,7 +33,7 @@ export async function deleteSnapshotAt(state: ImageState, index: number): Promis
   );
   const remaining = state.snapshots.filter((_, i) => i !== index);
   const table = remaining.length > 0 ? encodeSnapshotTable(remaining) : Buffer.alloc(0);
-  const alloc = new EndAllocator(await rc.allocationEnd(state.fileSizeBytes), layout);
+  const alloc = new EndAllocator(await rc.allocationEnd(), layout);
   const tableOffset = table.length > 0 ? alloc.allocBytes(table.length) : 0;
   await rc.coverAllocation(alloc);
   if (table.length > 0) await file.write(table, tableOffset);

@@ -96,7 +96,7 @@ export class SaveTransaction implements SaveReservation {
       state.fileSizeBytes,
     );
     const step = Math.max(layout.clusterSize, alignmentBytes);
-    const hostOffset = Math.ceil((await rc.allocationEnd(state.fileSizeBytes)) / step) * step;
+    const hostOffset = Math.ceil((await rc.allocationEnd()) / step) * step;
     const vmIndex = layout.vmStateL1Index(header.size);
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
     const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - hostOffset));

@@ -342,22 +342,22 @@ export class RefcountStore {
   }
 
   /**
-   * End of the allocated area: the cluster-aligned end of the file, or past
-   * the last cluster with a non-zero refcount if that lies beyond it
-   * (preallocated images may reference space past EOF).
+   * End of the allocated area: just past the last cluster with a non-zero
+   * refcount. Anything after it is free by definition, including the tail of
+   * a save that crashed while streaming its vmstate, so that space is reused
+   * instead of piling up. (The caller has verified that no referenced cluster
+   * has refcount 0.)
    */
-  async allocationEnd(fileSizeBytes: number): Promise<number> {
-    let end = this.layout.alignUp(fileSizeBytes);
-    const fromCluster = this.layout.clusterIndex(end);
-    for (let index = this.blockIndexOf(fromCluster); index < this._table.length; index++) {
+  async allocationEnd(): Promise<number> {
+    for (let index = this._table.length - 1; index >= 0; index--) {
       if ((this._table[index] ?? 0) === 0) continue;
       await this.loadBlock(index);
       const base = index * this.layout.refblockEntries;
-      for (let entry = Math.max(0, fromCluster - base); entry < this.layout.refblockEntries; entry++) {
-        if (this.get(base + entry) !== 0) end = Math.max(end, (base + entry + 1) * this.layout.clusterSize);
+      for (let entry = this.layout.refblockEntries - 1; entry >= 0; entry--) {
+        if (this.get(base + entry) !== 0) return (base + entry + 1) * this.layout.clusterSize;
       }
     }
-    return end;
+    throw corrupt('no cluster has a non-zero refcount (not even the header)');
   }
 
   private encodeTable(clusters: number): Buffer {

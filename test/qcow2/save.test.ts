@@ -170,6 +170,26 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     expect((await stat(path)).size).toBeLessThan(before + (1 << 20));
   });
 
+  it('reuses the free tail a save killed while streaming left behind', async () => {
+    const path = await work.image({ sizeBytes: 32 << 20 });
+    await guestWrite(path, 'write -P 0x13 0 1M');
+    const clean = (await stat(path)).size;
+    const { appendFile } = await import('node:fs/promises');
+    await appendFile(path, pseudoRandom(3 << 20, 1)); // what a killed stream leaves: unreferenced bytes past EOF
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    const img = await openImage(path);
+    try {
+      const { hostOffset } = await img.beginSave('reuse');
+      expect(hostOffset).toBe(Math.ceil(clean / 65536) * 65536);
+      await img.abortSave();
+      await saveWithCalls(img, 'reuse', pseudoRandom(100_000, 2));
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+    expect(sha(await exportVmState(path, 'reuse'))).toBe(sha(pseudoRandom(100_000, 2)));
+  });
+
   it('abortSave truncates the file back and leaves qemu-img check clean', async () => {
     const path = await work.image({ sizeBytes: 64 << 20 });
     await guestWrite(path, 'write -P 0x01 0 1M');
