@@ -109,9 +109,7 @@ export class SaveTransaction implements SaveReservation {
 
   async commit(meta: SaveMetadata): Promise<SnapshotEntry> {
     invariant(this._phase === 'reserved', `commit in phase ${this._phase}`);
-    if (!Number.isSafeInteger(meta.vmStateSize) || meta.vmStateSize < 0 || meta.vmStateSize > this.maxLength) {
-      throw new RangeError(`Expected an integer 0..${this.maxLength} for vmStateSize, received ${meta.vmStateSize}`);
-    }
+    validateSaveMetadata(meta, this.maxLength);
     this._phase = 'committing';
     const plan = await this.plan(meta);
     await this.writeAndCommit(plan);
@@ -120,8 +118,9 @@ export class SaveTransaction implements SaveReservation {
 
   /**
    * Leaves the image as before. Until refcounts of existing blocks were
-   * touched, everything we wrote lies past the old end of file and is
-   * unreferenced, so the file is truncated back; later, only leaks remain.
+   * touched, everything we wrote lies in free clusters past the last
+   * allocated one and nothing references it, so the file is truncated back to
+   * its old length; later, only leaks remain.
    */
   async abort(): Promise<void> {
     if (this._phase === 'committed' || this._phase === 'aborted') return;
@@ -231,6 +230,26 @@ export class SaveTransaction implements SaveReservation {
     state.snapshotTableBytes = plan.table.length;
     state.header.nbSnapshots = entries.length;
     state.header.snapshotsOffset = plan.tableOffset;
+  }
+}
+
+const MAX_U64 = (1n << 64n) - 1n;
+
+/** Option mistakes become TypeError/RangeError naming the field, before anything is written. */
+function validateSaveMetadata(meta: SaveMetadata, maxLength: number): void {
+  if (!Number.isSafeInteger(meta.vmStateSize) || meta.vmStateSize < 0 || meta.vmStateSize > maxLength) {
+    throw new RangeError(`Expected an integer 0..${maxLength} for vmStateSize, received ${String(meta.vmStateSize)}`);
+  }
+  const clock = meta.vmClockNs ?? 0n;
+  if (!(typeof clock === 'bigint' || Number.isSafeInteger(clock)) || BigInt(clock) < 0n || BigInt(clock) > MAX_U64) {
+    throw new RangeError(`Expected a non-negative 64-bit integer for vmClockNs, received ${String(clock)}`);
+  }
+  const ms = meta.date === undefined ? Date.now() : meta.date.getTime();
+  if (!Number.isFinite(ms) || ms < 0 || ms >= 2 ** 32 * 1000) {
+    throw new RangeError(`Expected a valid Date between 1970 and 2106 for date, received ${String(meta.date)}`);
+  }
+  if (meta.icount !== undefined && (meta.icount < -(1n << 63n) || meta.icount >= 1n << 63n)) {
+    throw new RangeError(`Expected a signed 64-bit integer for icount, received ${meta.icount}`);
   }
 }
 

@@ -150,7 +150,11 @@ export class Image {
     return this._state.snapshots.map(toInfo);
   }
 
-  /** The saved VM state of a snapshot (by id, else by name), byte for byte. */
+  /**
+   * The saved VM state of a snapshot (by id, else by name), byte for byte.
+   * The stream reads lazily: do not delete that snapshot or close the image
+   * before it ends.
+   */
   createVmStateReadStream(idOrName: string, options: { chunkBytes?: number } = {}): Readable {
     this.assertOpen();
     const entry = this._state.snapshots[findSnapshot(this._state.snapshots, idOrName)];

@@ -190,6 +190,23 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     expect(sha(await exportVmState(path, 'reuse'))).toBe(sha(pseudoRandom(100_000, 2)));
   });
 
+  it('refuses bad commit metadata with RangeError naming the field, and the save can then be aborted', async () => {
+    const path = await work.image({ sizeBytes: 16 << 20 });
+    const img = await openImage(path);
+    try {
+      await img.beginSave('meta');
+      await expect(img.commitSave({ vmStateSize: -1 })).rejects.toThrow(/vmStateSize/);
+      await img.beginSave('meta');
+      await expect(img.commitSave({ vmStateSize: 1, date: new Date(-5) })).rejects.toThrow(/for date/);
+      await img.beginSave('meta');
+      await expect(img.commitSave({ vmStateSize: 1, vmClockNs: -1n })).rejects.toThrow(/vmClockNs/);
+      expect(img.snapshots()).toEqual([]);
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+
   it('abortSave truncates the file back and leaves qemu-img check clean', async () => {
     const path = await work.image({ sizeBytes: 64 << 20 });
     await guestWrite(path, 'write -P 0x01 0 1M');
