@@ -60,13 +60,19 @@ export class SnapshotStream extends Writable {
   private _idleWaiter: (() => void) | null = null;
   private _finalized = false;
   private _sinkClosed = false;
+  private _resumeScheduled = false;
   private readonly _onAbort: () => void;
+  private readonly _resume: () => void;
 
   constructor(options: ResolvedStreamOptions, openSink: SinkFactory) {
     super({ highWaterMark: WRITABLE_HIGH_WATER_MARK, decodeStrings: false });
     this._opts = options;
     this._openSink = openSink;
     this._onAbort = () => this.destroy(abortError(options.signal));
+    this._resume = () => {
+      this._resumeScheduled = false;
+      if (this._held !== null && this._error === undefined) this._pump();
+    };
     const signal = options.signal;
     if (signal !== undefined) {
       if (signal.aborted) process.nextTick(this._onAbort);
@@ -311,7 +317,14 @@ export class SnapshotStream extends Writable {
       this.emit('progress', { bytesWritten: this._written, bytesQueued: this._accepted } satisfies ProgressEvent);
     }
     if (this._error !== undefined) this._failHeld();
-    else if (this._held !== null) this._pump();
+    else if (this._held !== null && !this._resumeScheduled) {
+      // Resume the producer from setImmediate, not from inside the completion:
+      // Node-API delivers every completion queued during a delivery in the
+      // same loop turn, so resuming inline lets busy streams chain write ->
+      // completion -> write and keep timers and I/O waiting for seconds.
+      this._resumeScheduled = true;
+      setImmediate(this._resume);
+    }
     if (this._inFlight === 0 && this._idleWaiter !== null) {
       const wake = this._idleWaiter;
       this._idleWaiter = null;

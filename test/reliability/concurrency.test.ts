@@ -220,23 +220,15 @@ describe('eight raw streams in one process', () => {
 
 describe('the event loop under a synchronous producer', () => {
   /**
-   * KNOWN BUG (reported, not fixed here: native/ and src/stream/ belong to
-   * others). Write completions reach JS through a Node-API ThreadSafeFunction.
-   * Since Node 16 (nodejs/node PR #38506) a TSFN dispatches, within the same
-   * loop turn, calls queued while its callbacks run, up to 1000 per wake-up.
-   * A completion frees a buffer, the stream pumps the next chunks from a
-   * synchronous source, submits the next buffer, and that write's completion
-   * is queued before the drain ends. Measured here: one 96 MiB stream from a
-   * CPU-bound source ran all 24 of its completions in a single loop turn;
-   * eight such streams (512 MiB) stalled timers for 600-900 ms, i.e. for
-   * nearly the whole batch. Timers, sockets and fs callbacks wait that long.
-   * Sources that cost little CPU (Readable.from of ready buffers) see gaps of
-   * ~20 ms, because the drain ends before the next write completes.
-   * Remove `.fails` once completions yield to the loop (for
-   * example: deliver them with libuv's snapshot-drain semantics, or resume the
-   * pump from setImmediate when a completion arrives in the same turn).
+   * Write completions reach JS through a Node-API ThreadSafeFunction, which
+   * (since nodejs/node PR #38506) delivers, in the same loop turn, calls
+   * queued while its callbacks run, up to 1000 per wake-up. If a completion
+   * resumed the producer inline, a CPU-bound synchronous source would chain
+   * write -> completion -> write and starve timers: measured before the fix,
+   * eight such streams (512 MiB) stalled timers for 600-900 ms. The stream
+   * now resumes the producer from setImmediate, giving the loop its turn.
    */
-  it.fails('keeps timers running (no gap above 250 ms) while eight CPU-bound in-memory sources stream 512 MiB', async () => {
+  it('keeps timers running (no gap above 250 ms) while eight CPU-bound in-memory sources stream 512 MiB', async () => {
     // With eight streams (16 native threads) some completion is nearly always
     // queued while the main thread produces data, so the drain never ends
     // until the streams do. Each source costs CPU (AES-CTR + SHA-256).
