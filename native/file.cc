@@ -237,18 +237,21 @@ Napi::Value NativeFile::Open(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-Napi::Value NativeFile::Write(const Napi::CallbackInfo& info) {
+// write(buffer, position, cb) and read(buffer, position, cb).
+Napi::Value NativeFile::SubmitBuffer(const Napi::CallbackInfo& info, OpKind kind) {
   Napi::Env env = info.Env();
-  if (info.Length() < 3) throw Napi::TypeError::New(env, "write(buffer, position, cb)");
+  if (info.Length() < 3) throw Napi::TypeError::New(env, "expected (buffer, position, cb)");
   RequireFunction(info[2]);
   auto op = std::make_unique<Op>();
-  op->kind = OpKind::Write;
+  op->kind = kind;
   op->data = ViewBytes(info[0], &op->length);
   op->offset = ToOffset(info[1], "position");
   op->keepAlive = Napi::Persistent(info[0].As<Napi::Object>());
   Submit(env, std::move(op), info[2]);
   return env.Undefined();
 }
+
+Napi::Value NativeFile::Write(const Napi::CallbackInfo& info) { return SubmitBuffer(info, OpKind::Write); }
 
 Napi::Value NativeFile::WriteVector(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -270,26 +273,40 @@ Napi::Value NativeFile::WriteVector(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-Napi::Value NativeFile::Read(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 3) throw Napi::TypeError::New(env, "read(buffer, position, cb)");
-  RequireFunction(info[2]);
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::Read;
-  op->data = ViewBytes(info[0], &op->length);
-  op->offset = ToOffset(info[1], "position");
-  op->keepAlive = Napi::Persistent(info[0].As<Napi::Object>());
-  Submit(env, std::move(op), info[2]);
-  return env.Undefined();
-}
+Napi::Value NativeFile::Read(const Napi::CallbackInfo& info) { return SubmitBuffer(info, OpKind::Read); }
 
-Napi::Value NativeFile::DataSync(const Napi::CallbackInfo& info) {
+// Operations whose only argument is the callback.
+Napi::Value NativeFile::SubmitBare(const Napi::CallbackInfo& info, OpKind kind) {
   RequireFunction(info[0]);
   auto op = std::make_unique<Op>();
-  op->kind = OpKind::DataSync;
+  op->kind = kind;
   Submit(info.Env(), std::move(op), info[0]);
   return info.Env().Undefined();
 }
+
+// Operations on a byte range with an integer mode: fallocate(mode, offset,
+// length, cb) and the locks (start, length, type, cb). `modeFirst` says which.
+Napi::Value NativeFile::SubmitRange(const Napi::CallbackInfo& info, OpKind kind, bool modeFirst) {
+  Napi::Env env = info.Env();
+  const size_t modeAt = modeFirst ? 0 : 2;
+  const size_t startAt = modeFirst ? 1 : 0;
+  if (info.Length() < 4 || !info[modeAt].IsNumber()) throw Napi::TypeError::New(env, "expected (range, mode, cb)");
+  RequireFunction(info[3]);
+  auto op = std::make_unique<Op>();
+  op->kind = kind;
+  op->mode = info[modeAt].As<Napi::Number>().Int32Value();
+  op->offset = ToOffset(info[startAt], "offset");
+  op->extent = ToOffset(info[startAt + 1], "length");
+  Submit(env, std::move(op), info[3]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::DataSync(const Napi::CallbackInfo& info) { return SubmitBare(info, OpKind::DataSync); }
+Napi::Value NativeFile::Stat(const Napi::CallbackInfo& info) { return SubmitBare(info, OpKind::Stat); }
+Napi::Value NativeFile::Close(const Napi::CallbackInfo& info) { return SubmitBare(info, OpKind::Close); }
+Napi::Value NativeFile::Allocate(const Napi::CallbackInfo& info) { return SubmitRange(info, OpKind::Allocate, true); }
+Napi::Value NativeFile::GetLock(const Napi::CallbackInfo& info) { return SubmitRange(info, OpKind::GetLock, false); }
+Napi::Value NativeFile::SetLock(const Napi::CallbackInfo& info) { return SubmitRange(info, OpKind::SetLock, false); }
 
 Napi::Value NativeFile::Truncate(const Napi::CallbackInfo& info) {
   RequireFunction(info[1]);
@@ -297,61 +314,6 @@ Napi::Value NativeFile::Truncate(const Napi::CallbackInfo& info) {
   op->kind = OpKind::Truncate;
   op->extent = ToOffset(info[0], "length");
   Submit(info.Env(), std::move(op), info[1]);
-  return info.Env().Undefined();
-}
-
-Napi::Value NativeFile::Allocate(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 4 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "fallocate(mode, offset, length, cb)");
-  RequireFunction(info[3]);
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::Allocate;
-  op->mode = info[0].As<Napi::Number>().Int32Value();
-  op->offset = ToOffset(info[1], "offset");
-  op->extent = ToOffset(info[2], "length");
-  Submit(env, std::move(op), info[3]);
-  return env.Undefined();
-}
-
-Napi::Value NativeFile::GetLock(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 4 || !info[2].IsNumber()) throw Napi::TypeError::New(env, "getlk(start, length, type, cb)");
-  RequireFunction(info[3]);
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::GetLock;
-  op->offset = ToOffset(info[0], "start");
-  op->extent = ToOffset(info[1], "length");
-  op->mode = info[2].As<Napi::Number>().Int32Value();
-  Submit(env, std::move(op), info[3]);
-  return env.Undefined();
-}
-
-Napi::Value NativeFile::SetLock(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 4 || !info[2].IsNumber()) throw Napi::TypeError::New(env, "setlk(start, length, type, cb)");
-  RequireFunction(info[3]);
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::SetLock;
-  op->offset = ToOffset(info[0], "start");
-  op->extent = ToOffset(info[1], "length");
-  op->mode = info[2].As<Napi::Number>().Int32Value();
-  Submit(env, std::move(op), info[3]);
-  return env.Undefined();
-}
-
-Napi::Value NativeFile::Stat(const Napi::CallbackInfo& info) {
-  RequireFunction(info[0]);
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::Stat;
-  Submit(info.Env(), std::move(op), info[0]);
-  return info.Env().Undefined();
-}
-
-Napi::Value NativeFile::Close(const Napi::CallbackInfo& info) {
-  RequireFunction(info[0]);
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::Close;
-  Submit(info.Env(), std::move(op), info[0]);
   return info.Env().Undefined();
 }
 

@@ -67,6 +67,9 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value Pending(const Napi::CallbackInfo& info);
 
+  Napi::Value SubmitBare(const Napi::CallbackInfo& info, OpKind kind);
+  Napi::Value SubmitRange(const Napi::CallbackInfo& info, OpKind kind, bool modeFirst);
+  Napi::Value SubmitBuffer(const Napi::CallbackInfo& info, OpKind kind);
   void Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback);
   void WorkerLoop();
   void Execute(Op* op);
