@@ -151,7 +151,7 @@ async function runOnce(c, workload, state, rep, hashes) {
     const cpu = process.cpuUsage(cpu0);
     const loopBusy = performance.eventLoopUtilization(elu0).utilization;
     const expected = c.verifiable === false ? out.bytes : workload.streamBytes;
-    const size = statSync(path).size;
+    const size = c.container === true ? out.bytes : statSync(path).size;
     if (out.bytes !== expected || size !== expected) {
       throw new Error(`(${c.id}) wrote ${out.bytes} bytes, file has ${size}, expected ${expected}`);
     }
@@ -228,6 +228,11 @@ function report(run) {
       const ring = r.samples[0].extra.ringBytes;
       console.log(`  (${r.id}) peak RSS growth per run: ${rss.map((v) => (v / MiB).toFixed(1)).join(', ')} MiB; bound ${(ring / MiB + 32).toFixed(0)} MiB (ring ${ring / MiB} MiB + 32 MiB), for a ${formatBytes(r.streamBytes)} stream`);
     }
+  }
+  for (const r of results) {
+    const extents = r.samples.map((s) => s.extra?.extents).filter((v) => v !== undefined);
+    const prealloc = r.samples.map((s) => s.extra?.preallocSeconds).filter((v) => v !== undefined);
+    if (extents.length > 0) console.log(`  (${r.id}) extents after the run (filefrag): ${extents.join(', ')}${prealloc.length > 0 ? `; preallocation took ${prealloc.map((v) => `${(v * 1000).toFixed(0)} ms`).join(', ')}` : ''}`);
   }
   const probe = run.rssProbe;
   if (probe !== undefined && probe.error === undefined) {

@@ -17,9 +17,8 @@
  * the scratch directory, deleted after the run; `extra` is any JSON (e.g.
  * { extents } from helpers.extentCount(path)) and lands in the results.
  *
- * Later cases plug in here: a qcow2 save into an image (when
- * dist/qcow2/image.js exports createImage/openImage), preallocation on/off
- * with filefrag extent counts.
+ * A case whose file is a container of the stream (a qcow2 image) sets
+ * `container: true`: its file size is then not compared with the stream's.
  */
 import a from './a-write-sync.js';
 import b from './b-qemu-iov64.js';
@@ -30,5 +29,7 @@ import f from './f-snapshot-stream.js';
 import f2 from './f2-snapshot-stream-deep.js';
 import g from './g-device.js';
 import g1 from './g1-device-qd1.js';
+import q, { qcow2Preallocated as qp } from './q-qcow2-save.js';
+import r, { rawPreallocated as rp } from './r-raw-prealloc.js';
 
-export const CASES = [a, b, c, d, e, f, f2, g1, g];
+export const CASES = [a, b, c, d, e, f, f2, r, rp, q, qp, g1, g];

@@ -1,30 +1,44 @@
 /**
- * Creating a qcow2 image laid out the way `qemu-img create` lays it out:
+ * Creating a qcow2 image exactly as `qemu-img create -f qcow2` (QEMU 7.2)
+ * creates it, for every preallocation mode:
  *
- *   cluster 0          header (+ feature name table for v3)
- *   next clusters      refcount table, refcount blocks, active L1 table
- *   with 'metadata'    every L2 table, then every data cluster (not written;
- *                      the file is extended sparsely, so they read as zeros)
+ *   'off'       header, refcount table, one refcount block, the L1 table
+ *   'metadata'  + every L2 table and every data cluster mapped (the data is
+ *               not written: the file is extended sparsely, reads give zeros)
+ *   'falloc'    + the data area reserved with fallocate(2)
+ *   'full'      + the data area written with zeros
  *
- * The plan (what goes where) is computed first and is pure; writing it is a
- * separate step, so data preallocation modes ('falloc', 'full') only add a
- * step between laying out metadata and the final sync.
+ * Where each cluster goes comes from replaying QEMU's allocator
+ * (preallocate-image.ts), so `qemu-img map` agrees with qemu-img's own image.
+ * Writing is one step per structure with progress and cancel between steps;
+ * a failed or aborted create removes the file, so no half-made image stays.
  */
+import { unlink } from 'node:fs/promises';
+import { ErrorCode, SnapshotError } from '../errors.js';
+import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
-import { L1Table, L2Table, QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
-import { invariant, unsupported } from './fail.js';
+import { L1Table, L2Table } from './cluster-map.js';
+import { invariant } from './fail.js';
 import {
   CompatibleFeature,
   encodeHeader,
+  encodedHeaderLength,
   HeaderExtensionType,
+  MAX_BACKING_FILE_NAME_BYTES,
   V2_HEADER_LENGTH,
   type HeaderExtension,
   type Qcow2Header,
 } from './header.js';
 import { Layout } from './layout.js';
-import { QCOW_MAX_REFTABLE_SIZE_BYTES, setRefcountEntry } from './refcount.js';
+import { planImage, type ImagePlan, type Preallocation } from './preallocate-image.js';
+import { setRefcountEntry } from './refcount.js';
 
-export type Preallocation = 'off' | 'metadata';
+export type { Preallocation } from './preallocate-image.js';
+
+export interface CreateProgress {
+  bytesDone: number;
+  bytesTotal: number;
+}
 
 export interface CreateImageOptions {
   /** Virtual disk size in bytes; rounded up to 512 like qemu-img. */
@@ -33,7 +47,7 @@ export interface CreateImageOptions {
   clusterSize?: number;
   /** 2 (compat=0.10) or 3 (compat=1.1). Default 3. */
   version?: 2 | 3;
-  /** 'off' (default) or 'metadata' (all L2 tables and data clusters allocated up front). */
+  /** What to allocate up front, as qemu-img's `-o preallocation=`. Default 'off'. */
   preallocation?: Preallocation;
   /** Refcount entry width: 1, 2, 4, 8, 16, 32 or 64. Default 16; v2 requires 16. */
   refcountBits?: number;
@@ -41,6 +55,16 @@ export interface CreateImageOptions {
   lazyRefcounts?: boolean;
   /** Replace an existing file instead of failing with EEXIST. Default false. */
   overwrite?: boolean;
+  /** Backing file name, stored as given (relative names resolve against the image's directory). */
+  backingFile?: string;
+  /** Format of the backing file ('qcow2', 'raw', ...); required with backingFile, as qemu-img 7.2 requires -F. */
+  backingFormat?: string;
+  /** Cancels the create; the file is removed. Checked between writes and fallocate chunks. */
+  signal?: AbortSignal;
+  /** Called after each metadata write, fallocate chunk or zero write. */
+  onProgress?: (progress: CreateProgress) => void;
+  /** Bytes per fallocate call ('falloc') or per progress step ('full'). Default 1 GiB / 8 MiB. */
+  chunkBytes?: number;
 }
 
 interface ResolvedCreateOptions {
@@ -50,29 +74,44 @@ interface ResolvedCreateOptions {
   preallocation: Preallocation;
   lazyRefcounts: boolean;
   overwrite: boolean;
-}
-
-/** Where each structure goes, in clusters. */
-export interface CreatePlan {
-  layout: Layout;
-  l1Entries: number;
-  refcountTableCluster: number;
-  refcountTableClusters: number;
-  refblockCluster: number;
-  refblocks: number;
-  l1Cluster: number;
-  l1Clusters: number;
-  /** First L2 table and first data cluster (metadata preallocation only). */
-  l2Cluster: number;
-  l2Tables: number;
-  dataCluster: number;
-  dataClusters: number;
-  /** Clusters in use, all with refcount 1. */
-  totalClusters: number;
+  backingFile: Buffer | undefined;
+  backingFormat: Buffer | undefined;
+  signal: AbortSignal | undefined;
+  onProgress: ((progress: CreateProgress) => void) | undefined;
+  chunkBytes: number | undefined;
 }
 
 const SECTOR_BYTES = 512;
 const REFCOUNT_WIDTHS = [1, 2, 4, 8, 16, 32, 64];
+const PREALLOCATIONS: readonly Preallocation[] = ['off', 'metadata', 'falloc', 'full'];
+/** Zero writes for 'full': large enough to run at device speed, small enough to cancel promptly. */
+const ZERO_WRITE_BYTES = 8 << 20;
+
+function validateBacking(options: CreateImageOptions, preallocation: Preallocation): Pick<ResolvedCreateOptions, 'backingFile' | 'backingFormat'> {
+  const { backingFile, backingFormat } = options;
+  if (backingFile === undefined) {
+    if (backingFormat !== undefined) throw new TypeError('Expected options.backingFile with options.backingFormat');
+    return { backingFile: undefined, backingFormat: undefined };
+  }
+  if (typeof backingFile !== 'string' || backingFile.length === 0 || backingFile.includes('\0')) {
+    throw new TypeError(`Expected a non-empty file name for options.backingFile, received ${String(backingFile)}`);
+  }
+  if (Buffer.byteLength(backingFile) > MAX_BACKING_FILE_NAME_BYTES) {
+    throw new RangeError(`Expected at most ${MAX_BACKING_FILE_NAME_BYTES} bytes for options.backingFile`);
+  }
+  if (typeof backingFormat !== 'string' || !/^[a-z0-9_-]{1,16}$/i.test(backingFormat)) {
+    // qemu-img 7.2: "Backing file specified without backing format".
+    throw new TypeError(`Expected a format name such as 'qcow2' or 'raw' for options.backingFormat, received ${String(backingFormat)}`);
+  }
+  if (preallocation !== 'off') {
+    // QEMU 7.2 qcow2_co_create; extended L2 entries (the exception) are not supported here.
+    throw new TypeError(
+      `Expected preallocation 'off' with options.backingFile, received '${preallocation}': ` +
+        'Backing file and preallocation can only be used at the same time if extended_l2 is on',
+    );
+  }
+  return { backingFile: Buffer.from(backingFile, 'utf8'), backingFormat: Buffer.from(backingFormat, 'ascii') };
+}
 
 function validateCreateOptions(options: CreateImageOptions): ResolvedCreateOptions {
   if (options === null || typeof options !== 'object') throw new TypeError('Expected an object for options');
@@ -87,14 +126,20 @@ function validateCreateOptions(options: CreateImageOptions): ResolvedCreateOptio
   const version = options.version ?? 3;
   if (version !== 2 && version !== 3) throw new RangeError(`Expected 2 or 3 for options.version, received ${String(version)}`);
   const preallocation = options.preallocation ?? 'off';
-  if (preallocation !== 'off' && preallocation !== 'metadata') {
-    throw new RangeError(`Expected 'off' or 'metadata' for options.preallocation, received ${String(preallocation)}`);
+  if (!PREALLOCATIONS.includes(preallocation)) {
+    throw new RangeError(`Expected one of 'off', 'metadata', 'falloc', 'full' for options.preallocation, received ${String(preallocation)}`);
   }
   const refcountBits = options.refcountBits ?? 16;
   if (!REFCOUNT_WIDTHS.includes(refcountBits) || (version === 2 && refcountBits !== 16)) {
     throw new RangeError(`Expected one of ${REFCOUNT_WIDTHS.join(', ')} (16 for version 2) for options.refcountBits, received ${refcountBits}`);
   }
   if (options.lazyRefcounts === true && version === 2) throw new RangeError('Expected version 3 for options.lazyRefcounts');
+  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new TypeError('Expected an AbortSignal for options.signal');
+  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw new TypeError('Expected a function for options.onProgress');
+  const { chunkBytes } = options;
+  if (chunkBytes !== undefined && (!Number.isSafeInteger(chunkBytes) || chunkBytes < 4096 || chunkBytes % 4096 !== 0)) {
+    throw new RangeError(`Expected a positive multiple of 4096 for options.chunkBytes, received ${String(chunkBytes)}`);
+  }
   return {
     sizeBytes: Math.ceil(size / SECTOR_BYTES) * SECTOR_BYTES,
     layout: new Layout(Math.log2(clusterSize), Math.log2(refcountBits)),
@@ -102,47 +147,10 @@ function validateCreateOptions(options: CreateImageOptions): ResolvedCreateOptio
     preallocation,
     lazyRefcounts: options.lazyRefcounts === true,
     overwrite: options.overwrite === true,
-  };
-}
-
-/** Lays out the image; refcount blocks and table are sized until they cover themselves. */
-export function planImage(sizeBytes: number, layout: Layout, preallocation: Preallocation): CreatePlan {
-  const l1Entries = layout.l1EntriesFor(sizeBytes);
-  if (l1Entries * 8 > QCOW_MAX_L1_SIZE_BYTES) throw unsupported(`a ${sizeBytes}-byte disk needs an L1 table above 32 MiB`);
-  const l1Clusters = layout.clustersFor(l1Entries * 8);
-  const dataClusters = preallocation === 'metadata' ? layout.clustersFor(sizeBytes) : 0;
-  const l2Tables = preallocation === 'metadata' ? l1Entries : 0;
-  let refcountTableClusters = 1;
-  let refblocks = 1;
-  for (;;) {
-    const total = 1 + refcountTableClusters + refblocks + l1Clusters + l2Tables + dataClusters;
-    const neededBlocks = Math.ceil(total / layout.refblockEntries);
-    const neededTable = layout.clustersFor(neededBlocks * 8);
-    if (neededBlocks <= refblocks && neededTable <= refcountTableClusters) break;
-    refblocks = Math.max(refblocks, neededBlocks);
-    refcountTableClusters = Math.max(refcountTableClusters, neededTable);
-  }
-  if (refcountTableClusters * layout.clusterSize > QCOW_MAX_REFTABLE_SIZE_BYTES) {
-    throw unsupported("the refcount table would exceed QEMU's 8 MiB limit");
-  }
-  const refblockCluster = 1 + refcountTableClusters;
-  const l1Cluster = refblockCluster + refblocks;
-  const l2Cluster = l1Cluster + l1Clusters;
-  const dataCluster = l2Cluster + l2Tables;
-  return {
-    layout,
-    l1Entries,
-    refcountTableCluster: 1,
-    refcountTableClusters,
-    refblockCluster,
-    refblocks,
-    l1Cluster,
-    l1Clusters,
-    l2Cluster,
-    l2Tables,
-    dataCluster,
-    dataClusters,
-    totalClusters: dataCluster + dataClusters,
+    ...validateBacking(options, preallocation),
+    signal: options.signal,
+    onProgress: options.onProgress,
+    chunkBytes,
   };
 }
 
@@ -167,10 +175,15 @@ function featureNameTable(): HeaderExtension {
   return { type: HeaderExtensionType.FEATURE_NAME_TABLE, data };
 }
 
-function buildHeader(o: ResolvedCreateOptions, plan: CreatePlan): Qcow2Header {
+function buildHeader(o: ResolvedCreateOptions, plan: ImagePlan): Qcow2Header {
   const cs = o.layout.clusterSize;
   const v3 = o.version === 3;
-  return {
+  // qcow2_update_header's order: backing format, then the feature name table (v3, where it fits).
+  const extensions: HeaderExtension[] = [];
+  if (o.backingFormat !== undefined) extensions.push({ type: HeaderExtensionType.BACKING_FORMAT, data: o.backingFormat });
+  // qemu-img 7.2 writes the table only with clusters of 8 KiB and up (measured for 512 B .. 64 KiB).
+  if (v3 && cs >= 8192) extensions.push(featureNameTable());
+  const header: Qcow2Header = {
     version: o.version,
     backingFileOffset: 0,
     backingFileSize: 0,
@@ -179,8 +192,8 @@ function buildHeader(o: ResolvedCreateOptions, plan: CreatePlan): Qcow2Header {
     cryptMethod: 0,
     l1Size: plan.l1Entries,
     l1TableOffset: plan.l1Cluster * cs,
-    refcountTableOffset: plan.refcountTableCluster * cs,
-    refcountTableClusters: plan.refcountTableClusters,
+    refcountTableOffset: plan.reftableCluster * cs,
+    refcountTableClusters: plan.reftableClusters,
     nbSnapshots: 0,
     snapshotsOffset: 0,
     incompatibleFeatures: 0n,
@@ -191,75 +204,164 @@ function buildHeader(o: ResolvedCreateOptions, plan: CreatePlan): Qcow2Header {
     headerLength: v3 ? 112 : V2_HEADER_LENGTH,
     compressionType: 0,
     trailingHeaderBytes: v3 ? new Uint8Array(7) : new Uint8Array(0),
-    extensions: v3 && cs >= 1024 ? [featureNameTable()] : [],
+    extensions,
     backingFileName: undefined,
   };
+  if (o.backingFile !== undefined) {
+    // The name follows the end-of-extensions marker, as qemu-img places it.
+    header.backingFileOffset = encodedHeaderLength(header);
+    header.backingFileSize = o.backingFile.length;
+    header.backingFileName = o.backingFile;
+    if (header.backingFileOffset + header.backingFileSize > cs) {
+      throw new RangeError(`Expected options.backingFile to fit in cluster 0 (${cs} bytes) with the header`);
+    }
+  }
+  return header;
 }
 
 /**
- * Creates `path` as an empty (or metadata-preallocated) qcow2 image. Option
+ * Creates `path` as a qcow2 image, as `qemu-img create -f qcow2` would. Option
  * mistakes throw synchronously (TypeError / RangeError naming the option).
+ * A failed or aborted create removes the file; the promise rejects with the
+ * cause (ABORTED for an abort).
  */
 export function createImage(path: string, options: CreateImageOptions): Promise<void> {
   if (typeof path !== 'string' || path.length === 0) throw new TypeError(`Expected a non-empty path for path, received ${String(path)}`);
   const o = validateCreateOptions(options);
-  return writeImage(path, o, planImage(o.sizeBytes, o.layout, o.preallocation));
+  const plan = planImage(o.sizeBytes, o.layout, o.preallocation);
+  const header = encodeHeader(buildHeader(o, plan));
+  return writeImage(path, o, plan, header);
 }
 
-async function writeImage(path: string, o: ResolvedCreateOptions, plan: CreatePlan): Promise<void> {
+function checkAborted(o: ResolvedCreateOptions, path: string): void {
+  if (o.signal?.aborted === true) {
+    throw new SnapshotError(ErrorCode.ABORTED, `creating '${path}' aborted`, { path, cause: o.signal.reason });
+  }
+}
+
+async function writeImage(path: string, o: ResolvedCreateOptions, plan: ImagePlan, header: Buffer): Promise<void> {
+  checkAborted(o, path);
   const file = await TargetFile.open(path, {
     write: true,
     create: true,
     exclusive: !o.overwrite,
     truncate: o.overwrite,
     direct: false,
-    mode: 0o644,
+    mode: 0o600, // VM disks hold guest data
   });
   try {
-    await writeMetadata(file, o, plan);
-    // Data preallocation ('falloc', 'full') will go here, between metadata and the final sync.
+    const progress = new Progress(o, plan);
+    await file.truncate(plan.fileEndBytes);
+    await writeMetadata(file, plan, progress);
+    await preallocateData(file, o, plan, progress);
+    // The magic goes last: a create cut short never looks like a qcow2 image.
+    await file.write(header, 0);
     // fdatasync: the new image is complete and durable before createImage resolves.
     await file.datasync();
-  } finally {
     await file.close();
+  } catch (err) {
+    await file.close().catch(() => undefined);
+    // Ours alone (created, or truncated with overwrite): a half-made image is worse than none.
+    await unlink(path).catch(() => undefined);
+    throw err;
   }
 }
 
-async function writeMetadata(file: TargetFile, o: ResolvedCreateOptions, plan: CreatePlan): Promise<void> {
+/** Progress over every byte written or reserved; also the cancel point between steps. */
+class Progress {
+  readonly total: number;
+  private _done = 0;
+
+  constructor(
+    private readonly _o: ResolvedCreateOptions,
+    plan: ImagePlan,
+  ) {
+    const cs = plan.layout.clusterSize;
+    const tables = plan.l2Clusters.filter((c) => c !== 0).length + plan.refblocks.filter((c) => c !== 0).length;
+    const data = plan.dataArea === undefined ? 0 : plan.dataArea.clusters * cs;
+    this.total = (tables + plan.reftableClusters) * cs + plan.l1Entries * 8 + data;
+  }
+
+  step(path: string, bytes: number): void {
+    this._done += bytes;
+    invariant(this._done <= this.total, 'progress stays within its total');
+    this._o.onProgress?.({ bytesDone: this._done, bytesTotal: this.total });
+    checkAborted(this._o, path);
+  }
+}
+
+async function writeMetadata(file: TargetFile, plan: ImagePlan, progress: Progress): Promise<void> {
   const { layout } = plan;
   const cs = layout.clusterSize;
-  await file.write(encodeHeader(buildHeader(o, plan)), 0);
-  const table = Buffer.alloc(plan.refcountTableClusters * cs);
-  for (let i = 0; i < plan.refblocks; i++) table.writeBigUInt64BE(BigInt((plan.refblockCluster + i) * cs), i * 8);
-  await file.write(table, plan.refcountTableCluster * cs);
-  for (let i = 0; i < plan.refblocks; i++) {
+  const table = Buffer.alloc(plan.reftableClusters * cs);
+  plan.refblocks.forEach((cluster, i) => table.writeBigUInt64BE(BigInt(cluster * cs), i * 8));
+  await file.write(table, plan.reftableCluster * cs);
+  progress.step(file.path, table.length);
+  for (const [i, cluster] of plan.refblocks.entries()) {
+    if (cluster === 0) continue;
     const block = Buffer.alloc(cs);
     const first = i * layout.refblockEntries;
-    for (let c = first; c < Math.min(plan.totalClusters, first + layout.refblockEntries); c++) {
-      setRefcountEntry(block, c - first, layout.refcountOrder, 1);
+    for (let c = 0; c < layout.refblockEntries; c++) {
+      if (plan.used.get(first + c)) setRefcountEntry(block, c, layout.refcountOrder, 1);
     }
-    await file.write(block, (plan.refblockCluster + i) * cs);
+    await file.write(block, cluster * cs);
+    progress.step(file.path, cs);
   }
   const l1 = L1Table.empty(plan.l1Entries, layout);
-  for (let t = 0; t < plan.l2Tables; t++) {
-    l1.set(t, (plan.l2Cluster + t) * cs, true);
-    await file.write(metadataL2(plan, t).bytes, (plan.l2Cluster + t) * cs);
+  for (const [t, cluster] of plan.l2Clusters.entries()) {
+    if (cluster === 0) continue;
+    l1.set(t, cluster * cs, true);
+    await file.write(l2Table(plan, t).bytes, cluster * cs);
+    progress.step(file.path, cs);
   }
-  await file.write(l1.bytes, plan.l1Cluster * cs);
-  // Like qemu-img: without data clusters the file ends right after the L1 entries.
-  const end = plan.dataClusters > 0 ? plan.totalClusters * cs : plan.l1Cluster * cs + plan.l1Entries * 8;
-  invariant(end >= plan.l1Cluster * cs, 'file covers the L1 table');
-  await file.truncate(end);
+  if (plan.l1Entries > 0) {
+    // qemu-img writes the L1 entry-exact; with 'off' the file ends right after it.
+    await file.write(l1.bytes.subarray(0, plan.l1Entries * 8), plan.l1Cluster * cs);
+    progress.step(file.path, plan.l1Entries * 8);
+  }
 }
 
-/** L2 table `t` of a metadata-preallocated image: every entry allocated, COPIED, in order. */
-function metadataL2(plan: CreatePlan, t: number): L2Table {
+/** L2 table `t`: every data cluster the plan maps through it, COPIED (refcount 1). */
+function l2Table(plan: ImagePlan, t: number): L2Table {
   const { layout } = plan;
-  const l2 = L2Table.empty((plan.l2Cluster + t) * layout.clusterSize, layout);
-  for (let i = 0; i < layout.l2Entries; i++) {
-    const guestCluster = t * layout.l2Entries + i;
-    if (guestCluster >= plan.dataClusters) break;
-    l2.setStandard(i, (plan.dataCluster + guestCluster) * layout.clusterSize, { copied: true });
+  const l2 = L2Table.empty(plan.l2Clusters[t]! * layout.clusterSize, layout);
+  const first = t * layout.l2Entries;
+  for (const run of plan.dataRuns) {
+    if (run.guestCluster < first || run.guestCluster >= first + layout.l2Entries) continue;
+    for (let k = 0; k < run.count; k++) {
+      l2.setStandard(run.guestCluster - first + k, (run.hostCluster + k) * layout.clusterSize, { copied: true });
+    }
   }
   return l2;
+}
+
+/** 'falloc': fallocate the data area; 'full': write zeros over it (file-posix's PREALLOC_MODE_FULL). */
+async function preallocateData(file: TargetFile, o: ResolvedCreateOptions, plan: ImagePlan, progress: Progress): Promise<void> {
+  if (plan.dataArea === undefined) return;
+  const cs = plan.layout.clusterSize;
+  const offset = plan.dataArea.startCluster * cs;
+  const length = plan.dataArea.clusters * cs;
+  if (o.preallocation === 'falloc') {
+    let reported = 0;
+    await reserveSpace(file, offset, length, {
+      signal: o.signal,
+      chunkBytes: o.chunkBytes,
+      restoreSize: plan.fileEndBytes,
+      onProgress: ({ bytesDone }) => {
+        progress.step(file.path, bytesDone - reported);
+        reported = bytesDone;
+      },
+    });
+    // Unwatched reservations report nothing; account for them in one step.
+    if (reported < length) progress.step(file.path, length - reported);
+    return;
+  }
+  invariant(o.preallocation === 'full', 'data preallocation mode');
+  const zeros = Buffer.alloc(Math.min(o.chunkBytes ?? ZERO_WRITE_BYTES, ZERO_WRITE_BYTES, length));
+  for (let done = 0; done < length; ) {
+    const n = Math.min(zeros.length, length - done);
+    await file.write(n === zeros.length ? zeros : zeros.subarray(0, n), offset + done);
+    done += n;
+    progress.step(file.path, n);
+  }
 }

@@ -30,7 +30,10 @@ import {
   asWritten,
   encodeSnapshotTable,
   ICOUNT_DISABLED,
+  KNOWN_EXTRA_DATA_BYTES,
+  MAX_SNAPSHOT_NAME_BYTES,
   nextSnapshotId,
+  SNAPSHOT_HEADER_BYTES,
   type SnapshotEntry,
 } from './snapshot-table.js';
 
@@ -72,6 +75,8 @@ export class SaveTransaction implements SaveReservation {
   private readonly _state: ImageState;
   private readonly _fileSizeAtBegin: number;
   private _phase: Phase = 'reserved';
+  /** Space was reserved past the vmstate (preallocate: 'space'); give back what the save did not use. */
+  private _trimTail = false;
 
   private constructor(state: ImageState, name: string, hostOffset: number, maxLength: number) {
     this._state = state;
@@ -113,7 +118,42 @@ export class SaveTransaction implements SaveReservation {
     this._phase = 'committing';
     const plan = await this.plan(meta);
     await this.writeAndCommit(plan);
+    if (this._trimTail) await this.trimTail(plan.rc).catch(() => undefined); // a failure only keeps free clusters
     return plan.entry;
+  }
+
+  /**
+   * Bytes from hostOffset that a save of up to `vmStateBytes` can occupy: the
+   * vmstate run plus an upper bound of its metadata (vmstate L2 tables, the L1
+   * copy, the new snapshot table, refcount blocks and a grown refcount table).
+   * Reserving them up front turns a full disk into an ENOSPC before the first
+   * vmstate byte; commit() then gives back what the save did not use.
+   */
+  reservationBytes(vmStateBytes: number): number {
+    const { layout, l1, header } = this._state;
+    const vmClusters = layout.clustersFor(Math.min(vmStateBytes, this.maxLength));
+    const l2Tables = Math.ceil(vmClusters / layout.l2Entries);
+    const l1Entries = Math.max(l1.entries, layout.vmStateL1Index(header.size) + l2Tables);
+    // Our entry: fixed part, extra data, an id of at most 20 digits, the longest name, 8-byte alignment.
+    const entryBytes = SNAPSHOT_HEADER_BYTES + KNOWN_EXTRA_DATA_BYTES + 20 + MAX_SNAPSHOT_NAME_BYTES + 8;
+    const fresh =
+      vmClusters + l2Tables + layout.clustersFor(l1Entries * 8) + layout.clustersFor(this._state.snapshotTableBytes + entryBytes);
+    const blocks = Math.ceil(fresh / layout.refblockEntries) + 2;
+    const endCluster = layout.clusterIndex(this.hostOffset) + fresh + blocks;
+    // RefcountStore.growTable asks for 1.5 x the entries in use; bound it by the whole end of file.
+    const tableClusters = layout.clustersFor(Math.ceil((endCluster / layout.refblockEntries + 2) * 1.5) * 8);
+    this._trimTail = true;
+    return (fresh + blocks + tableClusters) * layout.clusterSize;
+  }
+
+  /** Truncates the file after the last cluster in use, returning a reservation's unused tail. */
+  private async trimTail(rc: RefcountStore): Promise<void> {
+    const end = await rc.allocationEnd();
+    if (end >= this._state.fileSizeBytes) return;
+    await this._state.file.truncate(end);
+    // fdatasync: the shorter length is durable; a crash before only leaves free clusters past the end.
+    await this._state.file.datasync();
+    this._state.fileSizeBytes = end;
   }
 
   /**

@@ -7,6 +7,7 @@
  */
 import type { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError } from '../errors.js';
+import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
 import { validateStreamOptions, type ResolvedStreamOptions, type StreamOptions } from '../options.js';
 import type { SinkFactory, StreamSink } from '../stream/sink.js';
@@ -233,8 +234,15 @@ export class Image {
     });
   }
 
-  /** A StreamSink (src/stream/sink.ts) that saves into snapshot `name` of this image. */
-  async openSnapshotSink(name: string, options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'>): Promise<StreamSink> {
+  /**
+   * A StreamSink (src/stream/sink.ts) that saves into snapshot `name` of this
+   * image. With preallocate 'space', the vmstate run and its metadata are
+   * reserved before the first byte: a full disk fails here, image untouched.
+   */
+  async openSnapshotSink(
+    name: string,
+    options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'> & Partial<Pick<ResolvedStreamOptions, 'preallocate' | 'expectedSize' | 'signal'>>,
+  ): Promise<StreamSink> {
     const data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: 2 });
     let reservation: SaveReservation;
     try {
@@ -242,6 +250,17 @@ export class Image {
     } catch (err) {
       await data.close().catch(() => undefined);
       throw err;
+    }
+    if (options.preallocate === 'space' && options.expectedSize !== undefined && options.expectedSize > 0) {
+      try {
+        const bytes = this._save!.reservationBytes(options.expectedSize);
+        // On failure the file is truncated back to its length at open: nothing was written.
+        await reserveSpace(data, reservation.hostOffset, bytes, { signal: options.signal });
+      } catch (err) {
+        await this.abortSave().catch(() => undefined);
+        await data.close().catch(() => undefined);
+        throw err;
+      }
     }
     return {
       file: data,

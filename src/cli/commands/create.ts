@@ -48,7 +48,7 @@ export function registerCreate(program: Command, ctx: CliContext): void {
   addQuietFlag(cmd).addHelpText('after', '\nExample:\n  snapstream create disk.qcow2 20G --preallocation metadata');
   cmd.action(async (image: string, sizeBytes: number, flags: CreateFlags) => {
     ctx.image = image;
-    const slow = (flags.preallocation as string) === 'falloc' || (flags.preallocation as string) === 'full';
+    const slow = flags.preallocation === 'falloc' || flags.preallocation === 'full';
     const progress = createProgress({ label: 'create', totalBytes: slow ? sizeBytes : undefined, quiet: flags.quiet || !slow });
     const timer = slow ? setInterval(() => progress.update(allocatedBytes(image)), POLL_MS) : undefined;
     try {
