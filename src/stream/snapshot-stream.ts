@@ -71,7 +71,7 @@ export class SnapshotStream extends Writable {
     this._onAbort = () => this.destroy(abortError(options.signal));
     this._resume = () => {
       this._resumeScheduled = false;
-      if (this._held !== null && this._error === undefined) this._pump();
+      if (this._held !== null && this._error === undefined && !this.destroyed) this._pump();
     };
     const signal = options.signal;
     if (signal !== undefined) {
@@ -387,6 +387,10 @@ export class SnapshotStream extends Writable {
     // Never close the descriptor under a running write: the number could be
     // reused by another open while the kernel still writes through it.
     await this._idle();
+    // Drop what a held write still points at, so nothing refills the ring after the wipe.
+    this._held = null;
+    this._chunk = null;
+    this._vec = null;
     if (this._sink !== undefined && !this._sinkClosed) {
       if (!this._finalized) {
         try {
