@@ -19,7 +19,14 @@ import { deleteSnapshotAt } from './image-delete.js';
 import { SaveTransaction, snapshotExistsError, type SaveMetadata, type SaveReservation } from './image-save.js';
 import { loadImageState, type ImageState } from './image-state.js';
 import { acquireImageLocks, READER_LOCKS, releaseImageLocks, WRITER_LOCKS, type LockPlan } from './lock.js';
-import { findSnapshot, MAX_SNAPSHOT_NAME_BYTES, QCOW_MAX_SNAPSHOTS, type SnapshotEntry } from './snapshot-table.js';
+import {
+  findSnapshot,
+  MAX_SNAPSHOT_NAME_BYTES,
+  QCOW_MAX_SNAPSHOTS,
+  QCOW_MAX_SNAPSHOTS_SIZE_BYTES,
+  snapshotTableBytesWithNew,
+  type SnapshotEntry,
+} from './snapshot-table.js';
 import { createVmStateReadStream } from './vmstate-reader.js';
 
 export type { CheckResult } from './check.js';
@@ -200,6 +207,9 @@ export class Image {
       if (snapshots.some((s) => s.name === name || s.id === name)) throw snapshotExistsError(name);
       if (snapshots.length >= QCOW_MAX_SNAPSHOTS) {
         throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the image already has ${QCOW_MAX_SNAPSHOTS} snapshots`);
+      }
+      if (snapshotTableBytesWithNew(snapshots, name) > QCOW_MAX_SNAPSHOTS_SIZE_BYTES) {
+        throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the snapshot table would exceed QEMU's limit of ${QCOW_MAX_SNAPSHOTS_SIZE_BYTES} bytes`);
       }
       await this.assertConsistent();
       this._save = await SaveTransaction.begin(this._state, name, alignment);

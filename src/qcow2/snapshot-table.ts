@@ -211,6 +211,17 @@ export function nextSnapshotId(entries: readonly SnapshotEntry[]): string {
   return (max + 1n).toString();
 }
 
+/**
+ * Length of the table once a save appends an entry named `name` (next id, the
+ * 24 known extra bytes): what encodeSnapshotTable() will produce, so a save
+ * can be refused before its vmstate is streamed when this exceeds QEMU's limit.
+ */
+export function snapshotTableBytesWithNew(entries: readonly SnapshotEntry[], name: string): number {
+  const start = Math.ceil(snapshotTableBytes(entries) / 8) * 8;
+  const idBytes = Buffer.byteLength(nextSnapshotId(entries), 'utf8');
+  return start + SNAPSHOT_HEADER_BYTES + KNOWN_EXTRA_DATA_BYTES + idBytes + Buffer.byteLength(name, 'utf8');
+}
+
 /** QEMU's find_snapshot_by_id_or_name(): an id match wins over a name match. */
 export function findSnapshot(entries: readonly SnapshotEntry[], idOrName: string): number {
   const byId = entries.findIndex((e) => e.id === idOrName);
