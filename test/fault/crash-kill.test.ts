@@ -1,0 +1,341 @@
+/**
+ * Crash safety with real crashes: a saver child process (a private build of
+ * src/, the public createSnapshotStream) streams a 32 MiB vmstate into a
+ * qcow2 image and is killed with SIGKILL at a random moment. The replayed
+ * crashes of test/qcow2/crash.test.ts cover every sync point of the commit
+ * one by one; this is their counterpart with the real code, the real
+ * process death and the real kernel.
+ *
+ * Where the kills land. Half the trials kill at a uniform moment of the data
+ * phase (from the child's "ready" line to its "data-done" line); the other
+ * half wait for "data-done" and kill inside the commit (vmstate fdatasync,
+ * metadata, commit point, freeing the old table), with a density that grows
+ * toward its end (see COMMIT_WINDOW_FACTOR). A 4 KiB-cluster image with
+ * 24 MiB of guest data in three places gives the commit thousands of
+ * refcount updates, a dozen L2 tables to rewrite and new refcount blocks to
+ * add, so it lasts tens of milliseconds and kills land across its sync
+ * points. The child's marker lines, not the schedule, decide how a trial is
+ * counted.
+ *
+ * After every kill, against qemu-img and qemu-io rather than our own reader:
+ *   - qemu-img check finds no corruption. Leaks are allowed. OFLAG_COPIED
+ *     mismatches are counted and allowed, and nothing else: see
+ *     docs/crash-safety.md "The one allowed check error";
+ *   - the guest data, the disk of every earlier snapshot and the vmstate of
+ *     the earlier snapstream snapshot are bit-identical, and
+ *     `qemu-img info` lists the earlier snapshots exactly as before;
+ *   - the new snapshot is absent, or complete: its size and sha256 match;
+ *   - a fresh save into the same image works, after which qemu-img check
+ *     finds no corruption at all (the save recomputes COPIED; leaks stay).
+ *
+ * On the commit order as of this writing, about 1 kill in 600 lands between
+ * the refcount-table writes that hook in new refcount blocks and leaves a
+ * real corruption (a live refcount block with refcount 0): the test fails
+ * then, keeps the image, and docs/crash-safety.md "Known problem" explains it.
+ *
+ * CRASH_TRIALS=200 runs more trials (docs/crash-safety.md says how, without
+ * npm); CRASH_SEED replays a kill schedule (timing makes replays approximate).
+ */
+import { spawn } from 'node:child_process';
+import { copyFile, mkdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { createInterface } from 'node:readline';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createSnapshotStream, openImage } from '../../src/index.js';
+import { randomBytesFromSeed } from '../helpers/qemu.js';
+import { qemuImg, qemuIo, requireTool, run, runOk, tmpDir, type SnapshotListEntry, type TmpDir } from '../helpers/tools.js';
+import { privateBuild } from '../reliability/private-build.js';
+import { exportVmState, sha256 } from './vmstate-export.js';
+
+const MiB = 1 << 20;
+const VMSTATE_BYTES = 32 * MiB;
+const VMSTATE_SEED = 20260101;
+const EARLIER_VMSTATE_BYTES = 2 * MiB + 12345;
+const EARLIER_SEED = 7;
+const FRESH_VMSTATE_BYTES = MiB + 3;
+const TRIALS = Number(process.env.CRASH_TRIALS ?? 20);
+const SEED = Number(process.env.CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
+/**
+ * Commit kills spread over 1.15x the median commit seen so far (calibration,
+ * then every trial that reached 'finish'), so the window follows the
+ * machine's load and a few kills land after 'finish'. Within it the density
+ * grows linearly toward the end (delay = window * sqrt(u)), where the
+ * metadata writes and the commit point are, rather than the vmstate
+ * fdatasync that opens the phase.
+ */
+const COMMIT_WINDOW_FACTOR = 1.15;
+const CALIBRATION_RUNS = 3;
+/** Trials run two at a time (two cores); the kill is timed from the child's own marker lines, so load does not skew it. */
+const LANES = 2;
+const CHILD = fileURLToPath(new URL('./fixtures/kill-saver.mjs', import.meta.url));
+
+/** Guest data of the template, as the active layer reads it after all writes below. */
+const ACTIVE_READS = ['read -P 0x61 0 4M', 'read -P 0x63 4M 8M', 'read -P 0 12M 1M', 'read -P 0 99M 1M', 'read -P 0x62 100M 8M', 'read -P 0x64 200M 4M'];
+/** Guest data in snapshot 'disk-only' (qemu-img snapshot -c), taken before 0x63 and 0x64 were written. */
+const DISK_ONLY_READS = ['read -P 0x61 0 8M', 'read -P 0 8M 4M', 'read -P 0x62 100M 8M', 'read -P 0 200M 4M'];
+/** Guest data in snapshot 'earlier' (our own save), taken before 0x64 was written. */
+const EARLIER_READS = ['read -P 0x61 0 4M', 'read -P 0x63 4M 8M', 'read -P 0x62 100M 8M', 'read -P 0 200M 4M'];
+
+const skip = requireTool('qemu-img', 'qemu-io');
+
+
+/** xorshift32 for the kill schedule, so CRASH_SEED replays it. */
+function scheduleRng(seed: number): () => number {
+  let x = seed >>> 0 || 1;
+  return () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>> 0) / 2 ** 32;
+  };
+}
+
+interface ChildRun {
+  /** Marker lines the child printed before it exited or died. */
+  markers: string[];
+  signal: NodeJS.Signals | null;
+  code: number | null;
+  dataDoneMs?: number;
+  finishedMs?: number;
+}
+
+type KillPlan = { after: 'ready' | 'data-done'; delayMs: number } | undefined;
+
+/** Runs the saver child; with a plan, SIGKILLs it `delayMs` after the named marker line. */
+async function runSaver(dist: string, image: string, plan: KillPlan): Promise<ChildRun> {
+  const child = spawn(process.execPath, [CHILD, dist, image, 'new', String(VMSTATE_BYTES), String(VMSTATE_SEED)], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const result: ChildRun = { markers: [], signal: null, code: null };
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString('utf8')));
+  const exited = new Promise<void>((resolve) =>
+    child.once('close', (code, signal) => {
+      result.code = code;
+      result.signal = signal;
+      resolve();
+    }),
+  );
+  const killer = setTimeout(() => child.kill('SIGKILL'), 30_000); // bound: a hung child fails the trial below
+  for await (const line of createInterface({ input: child.stdout })) {
+    const [marker, value] = line.split(' ');
+    result.markers.push(marker as string);
+    if (marker === 'data-done') result.dataDoneMs = Number(value);
+    if (marker === 'finished') result.finishedMs = Number(value);
+    if (plan !== undefined && marker === plan.after) setTimeout(() => child.kill('SIGKILL'), plan.delayMs);
+  }
+  await exited;
+  clearTimeout(killer);
+  if (result.markers.includes('failed') || (result.signal === null && result.code !== 0)) {
+    throw new Error(`saver failed (code ${result.code}, signal ${result.signal}): ${result.markers.join(',')}\n${stderr}`);
+  }
+  return result;
+}
+
+interface CheckOutcome {
+  corruptions: number;
+  copiedMismatches: number;
+  leaks: number;
+  exitCode: number;
+  text: string;
+}
+
+/** qemu-img check, with its stderr lines: the JSON counts corruptions but does not say which kind. */
+async function check(path: string): Promise<CheckOutcome> {
+  const result = await run('qemu-img', ['check', '--output=json', path]);
+  const json = JSON.parse(result.stdout) as { corruptions?: number; leaks?: number; 'check-errors'?: number };
+  expect(json['check-errors'] ?? 0, result.stderr).toBe(0);
+  return {
+    corruptions: json.corruptions ?? 0,
+    copiedMismatches: result.stderr.split('\n').filter((l) => /^ERROR OFLAG_COPIED/.test(l)).length,
+    leaks: json.leaks ?? 0,
+    exitCode: result.code ?? -1,
+    text: result.stderr,
+  };
+}
+
+
+/** The disk of an internal snapshot, read by qemu-io from a `qemu-img convert -l` copy. */
+async function readSnapshotDisk(path: string, snapshot: string, reads: string[]): Promise<void> {
+  const copy = `${path}.${snapshot}.qcow2`;
+  await runOk('qemu-img', ['convert', '-l', `snapshot.name=${snapshot}`, '-O', 'qcow2', path, copy]);
+  try {
+    await qemuIo(copy, reads);
+  } finally {
+    await rm(copy, { force: true });
+  }
+}
+
+/** Copies a failing trial's image out of the temp dir (removed after the run) and names it in the error. */
+async function keepForInspection(path: string, index: number, err: unknown): Promise<unknown> {
+  const keptDir = join(tmpdir(), 'snapstream-crash-kill-kept');
+  await mkdir(keptDir, { recursive: true });
+  const kept = join(keptDir, `seed-${SEED}-trial-${index}.qcow2`);
+  await copyFile(path, kept);
+  if (err instanceof Error) err.message += `\n(image as the kill left it: ${kept})`;
+  return err;
+}
+
+async function save(path: string, name: string, data: Buffer): Promise<void> {
+  await pipeline(Readable.from([data.subarray(0, 4099), data.subarray(4099)]), createSnapshotStream(path, { snapshot: name }));
+}
+
+describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random moment', () => {
+  let dir: TmpDir;
+  let dist: string;
+  let template: string;
+  let snapshotsBefore: SnapshotListEntry[];
+  const vmstate = randomBytesFromSeed(VMSTATE_BYTES, VMSTATE_SEED);
+  const vmstateSha = sha256(vmstate);
+  const earlier = randomBytesFromSeed(EARLIER_VMSTATE_BYTES, EARLIER_SEED);
+
+  beforeAll(async () => {
+    dir = await tmpDir('crash-kill');
+    dist = await privateBuild(dir.path);
+    template = join(dir.path, 'template.qcow2');
+    await qemuImg.create(template, 256 * MiB, { cluster_size: 4096 });
+    await qemuIo(template, ['write -P 0x61 0 8M', 'write -P 0x62 100M 8M']);
+    await qemuImg.snapshot(template, 'create', 'disk-only');
+    await qemuIo(template, ['write -P 0x63 4M 8M']);
+    await save(template, 'earlier', earlier);
+    await qemuIo(template, ['write -P 0x64 200M 4M']);
+    expect((await check(template)).exitCode).toBe(0);
+    snapshotsBefore = await qemuImg.snapshotList(template);
+    expect(snapshotsBefore.map((s) => s.name)).toEqual(['disk-only', 'earlier']);
+  });
+  afterAll(async () => dir?.cleanup());
+
+  /** Everything that must hold after any kill. Returns what qemu-img check saw and whether 'new' exists. */
+  async function verifyAfterKill(path: string, label: string): Promise<{ present: boolean; check: CheckOutcome }> {
+    const outcome = await check(path);
+    const others = outcome.text.split('\n').filter((l) => l.trim() !== '' && !/^ERROR OFLAG_COPIED/.test(l));
+    expect(outcome.corruptions, `${label}: only OFLAG_COPIED mismatches may be counted\n${others.join('\n')}`).toBe(
+      outcome.copiedMismatches,
+    );
+    await qemuIo(path, ACTIVE_READS);
+    await readSnapshotDisk(path, 'disk-only', DISK_ONLY_READS);
+    await readSnapshotDisk(path, 'earlier', EARLIER_READS);
+    const listed = await qemuImg.snapshotList(path);
+    expect(listed.slice(0, 2), label).toEqual(snapshotsBefore);
+    expect(sha256(await exportVmState(path, 'earlier')), label).toBe(sha256(earlier));
+    const img = await openImage(path, { readOnly: true });
+    const ours = img.snapshots().map((s) => s.name);
+    await img.close();
+    expect(ours, label).toEqual(listed.map((s) => s.name));
+    const present = listed.length === 3;
+    if (present) {
+      // Present means complete: the right size, every byte, and a disk state equal to the active one.
+      expect(listed[2], label).toMatchObject({ name: 'new', id: '3', vmStateSize: VMSTATE_BYTES });
+      expect(sha256(await exportVmState(path, 'new')), label).toBe(vmstateSha);
+      await readSnapshotDisk(path, 'new', ACTIVE_READS);
+    } else {
+      expect(listed, label).toHaveLength(2);
+    }
+    return { present, check: outcome };
+  }
+
+  /** A save after the crash works, and leaves no corruption at all (it recomputes COPIED). */
+  async function verifyFreshSave(path: string, label: string): Promise<void> {
+    const fresh = randomBytesFromSeed(FRESH_VMSTATE_BYTES, 99);
+    await save(path, 'after', fresh);
+    const outcome = await check(path);
+    expect(outcome.corruptions, `${label}: after a fresh save\n${outcome.text}`).toBe(0);
+    expect(sha256(await exportVmState(path, 'after')), label).toBe(sha256(fresh));
+    await qemuIo(path, ACTIVE_READS);
+  }
+
+  interface Tally {
+    inData: number;
+    inCommit: number;
+    afterFinish: number;
+    present: number;
+    presentAfterCommitKill: number;
+    leakyTrials: number;
+    leakedClusters: number;
+    copiedTrials: number;
+    copiedMismatches: number;
+  }
+
+  async function trial(index: number, plan: NonNullable<KillPlan>, tally: Tally, commitsMs: number[]): Promise<void> {
+    const path = join(dir.path, `trial-${index}.qcow2`);
+    await copyFile(template, path);
+    const res = await runSaver(dist, path, plan);
+    if (res.finishedMs !== undefined) commitsMs.push(res.finishedMs - (res.dataDoneMs as number));
+    const phase = res.markers.includes('finished') ? 'afterFinish' : res.markers.includes('data-done') ? 'inCommit' : 'inData';
+    const label = `trial ${index} (CRASH_SEED=${SEED}): kill ${plan.delayMs.toFixed(1)} ms after ${plan.after}, landed ${phase}`;
+    const { present, check: seen } = await verifyAfterKill(path, label).catch(async (err: unknown) => {
+      throw await keepForInspection(path, index, err);
+    });
+    if (phase === 'inData') expect(present, `${label}: no snapshot before its vmstate is written`).toBe(false);
+    if (phase === 'afterFinish') expect(present, `${label}: 'finish' means committed`).toBe(true);
+    tally[phase]++;
+    if (present) tally.present++;
+    if (present && phase === 'inCommit') tally.presentAfterCommitKill++;
+    if (seen.leaks > 0) tally.leakyTrials++;
+    tally.leakedClusters += seen.leaks;
+    if (seen.copiedMismatches > 0) tally.copiedTrials++;
+    tally.copiedMismatches += seen.copiedMismatches;
+    await verifyFreshSave(path, label);
+    await rm(path, { force: true });
+  }
+
+  it(
+    `leaves the old image or the complete new snapshot, never worse than leaks (${TRIALS} trials)`,
+    async () => {
+      // Calibration: uninterrupted saves measure the data phase and the commit (median of three).
+      const runs: ChildRun[] = [];
+      for (let i = 0; i < CALIBRATION_RUNS; i++) {
+        const path = join(dir.path, `calibrate-${i}.qcow2`);
+        await copyFile(template, path);
+        const res = await runSaver(dist, path, undefined);
+        expect(res.markers).toEqual(['ready', 'data-done', 'finished']);
+        expect((await verifyAfterKill(path, `calibration ${i}`)).present).toBe(true);
+        runs.push(res);
+      }
+      const median = (values: number[]): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)] as number;
+      const dataMs = median(runs.map((r) => r.dataDoneMs as number));
+      const commitsMs = runs.map((r) => (r.finishedMs as number) - (r.dataDoneMs as number));
+
+      const rng = scheduleRng(SEED);
+      const fractions = Array.from({ length: TRIALS }, () => rng());
+      const planFor = (i: number): NonNullable<KillPlan> =>
+        i % 2 === 0
+          ? { after: 'ready', delayMs: (fractions[i] as number) * dataMs }
+          : { after: 'data-done', delayMs: Math.sqrt(fractions[i] as number) * median(commitsMs) * COMMIT_WINDOW_FACTOR };
+      const tally: Tally = {
+        inData: 0,
+        inCommit: 0,
+        afterFinish: 0,
+        present: 0,
+        presentAfterCommitKill: 0,
+        leakyTrials: 0,
+        leakedClusters: 0,
+        copiedTrials: 0,
+        copiedMismatches: 0,
+      };
+      let next = 0;
+      const lane = async (): Promise<void> => {
+        while (next < TRIALS) {
+          const index = next++;
+          await trial(index, planFor(index), tally, commitsMs);
+        }
+      };
+      await Promise.all(Array.from({ length: LANES }, lane));
+      console.log(
+        `[crash-kill] CRASH_SEED=${SEED}: ${TRIALS} trials; killed in data ${tally.inData}, in commit ${tally.inCommit} ` +
+          `(new snapshot present after ${tally.presentAfterCommitKill} of those), after finish ${tally.afterFinish}; ` +
+          `snapshot present after kill ${tally.present}; leaks in ${tally.leakyTrials} trials ` +
+          `(${tally.leakedClusters} clusters); OFLAG_COPIED mismatches in ${tally.copiedTrials} trials ` +
+          `(${tally.copiedMismatches} entries); median data phase ${dataMs.toFixed(0)} ms, median commit ${median(commitsMs).toFixed(0)} ms`,
+      );
+      expect(tally.inData + tally.inCommit + tally.afterFinish).toBe(TRIALS);
+      // Enough kills must land where metadata is written for the test to mean something.
+      expect(tally.inCommit, 'kills that interrupted the commit').toBeGreaterThanOrEqual(Math.floor(TRIALS / 4));
+    },
+    60_000 + TRIALS * 5_000,
+  );
+});
