@@ -1,29 +1,29 @@
 /**
- * Deleting an internal snapshot as QEMU's qcow2_snapshot_delete() does:
- * first drop the entry (the commit point), then release what it referenced.
+ * Deleting an internal snapshot with the meaning of QEMU's
+ * qcow2_snapshot_delete(): -1 for every cluster the snapshot's L1 reaches
+ * (its L2 tables and their clusters), its L1 table and the old snapshot
+ * table are freed, and COPIED is set again in the active tables where a
+ * refcount fell back to 1.
  *
- *   1. new snapshot table without the entry, in fresh clusters, refcount 1;
- *   2. header nb_snapshots + snapshots_offset in one write: THE COMMIT POINT;
- *   3. -1 for every cluster the snapshot's L1 reaches, its L1 table and the
- *      old snapshot table;
- *   4. COPIED restored in the active L1/L2 where a refcount fell back to 1.
- *
- * A crash before 2 leaves the snapshot in place (the new table only leaks);
- * after 2 it is gone and a crash can only leak clusters.
+ * QEMU drops the entry first and then decrements and restores COPIED in
+ * place; a crash in between leaves leaks and COPIED mismatches. Here nothing
+ * live is modified: the new snapshot table, the active L2 tables whose COPIED
+ * bits change, the active L1 and every changed refcount block are fresh
+ * copies, and one header write switches to them (shadow-commit.ts). A crash
+ * before that write leaves the snapshot in place, after it the snapshot is
+ * gone; either way qemu-img check finds neither corruption nor leaks.
  */
-import { encodeSnapshotPointer, SNAPSHOT_POINTER_OFFSET } from './header.js';
 import { readSnapshotL1, type ImageState } from './image-state.js';
-import { switchRefcountTable, updateCopiedFlags } from './image-save.js';
+import { invariant } from './fail.js';
 import { forEachReachedTable } from './reach.js';
 import { EndAllocator, RefcountStore } from './refcount.js';
+import { commitShadow, shadowActiveTables, type FreshWrite } from './shadow-commit.js';
 import { asWritten, encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
-import { invariant } from './fail.js';
 
 export async function deleteSnapshotAt(state: ImageState, index: number): Promise<SnapshotEntry> {
   const { layout, header, file } = state;
   const victim = state.snapshots[index];
   invariant(victim !== undefined, 'snapshot index in range');
-  const victimL1 = await readSnapshotL1(state, victim);
   const rc = await RefcountStore.load(
     file,
     layout,
@@ -31,40 +31,39 @@ export async function deleteSnapshotAt(state: ImageState, index: number): Promis
     header.refcountTableClusters,
     state.fileSizeBytes,
   );
+  const alloc = new EndAllocator(await rc.allocationEnd(), layout);
+  await dropSnapshotReferences(state, rc, victim);
   const remaining = state.snapshots.filter((_, i) => i !== index);
   const table = remaining.length > 0 ? encodeSnapshotTable(remaining) : Buffer.alloc(0);
-  const alloc = new EndAllocator(await rc.allocationEnd(), layout);
   const tableOffset = table.length > 0 ? alloc.allocBytes(table.length) : 0;
-  await rc.coverAllocation(alloc);
-  if (table.length > 0) await file.write(table, tableOffset);
-  await rc.writeFreshStructures();
-  // fdatasync: the new table (and any new refcount block) is durable before anything refers to it.
-  await file.datasync();
-  await rc.writeInPlace();
-  // fdatasync: the new table's refcount is durable before the header points at it.
-  await file.datasync();
-  await switchRefcountTable(state, rc);
-  const oldTable = { offset: header.snapshotsOffset, bytes: state.snapshotTableBytes };
-  // THE COMMIT POINT: after this write the snapshot no longer exists.
-  await file.write(encodeSnapshotPointer(remaining.length, tableOffset), SNAPSHOT_POINTER_OFFSET);
-  // fdatasync: the snapshot is gone for good before its clusters are released.
-  await file.datasync();
+  const active = await shadowActiveTables(state, rc, alloc);
+  await rc.release(header.snapshotsOffset, state.snapshotTableBytes);
+  const refcountTable = await rc.relocate(alloc);
+  const writes: FreshWrite[] = [
+    ...(table.length > 0 ? [{ offset: tableOffset, bytes: table }] : []),
+    ...active.writes,
+    ...rc.freshWrites(),
+  ];
+  const pointers = {
+    l1Size: active.l1.entries,
+    l1TableOffset: active.l1Offset,
+    refcountTableOffset: refcountTable.offset,
+    refcountTableClusters: refcountTable.clusters,
+    nbSnapshots: remaining.length,
+    snapshotsOffset: tableOffset,
+  };
+  await commitShadow(state, writes, pointers, () => undefined);
   state.snapshots = remaining.map(asWritten);
   state.snapshotTableBytes = table.length;
-  header.nbSnapshots = remaining.length;
-  header.snapshotsOffset = tableOffset;
-  await releaseSnapshot(state, rc, victim, victimL1, oldTable);
+  state.l1 = active.l1;
+  state.fileSizeBytes = (await file.stat()).size;
   return victim;
 }
 
-async function releaseSnapshot(
-  state: ImageState,
-  rc: RefcountStore,
-  victim: SnapshotEntry,
-  victimL1: Awaited<ReturnType<typeof readSnapshotL1>>,
-  oldTable: { offset: number; bytes: number },
-): Promise<void> {
-  const { layout, file } = state;
+/** -1 for everything the victim's L1 reaches, in QEMU's order (each L2's clusters, then the L2), and for the L1 itself. */
+async function dropSnapshotReferences(state: ImageState, rc: RefcountStore, victim: SnapshotEntry): Promise<void> {
+  const { layout } = state;
+  const victimL1 = await readSnapshotL1(state, victim);
   await forEachReachedTable(state, victimL1, async ({ l2, dataClusters }) => {
     const l2Cluster = layout.clusterIndex(l2.hostOffset);
     await rc.preload([l2Cluster]);
@@ -73,12 +72,4 @@ async function releaseSnapshot(
     rc.add(l2Cluster, -1);
   });
   await rc.release(victim.l1TableOffset, victim.l1Size * 8);
-  await rc.release(oldTable.offset, oldTable.bytes);
-  await rc.writeInPlace();
-  // fdatasync: refcounts dropped before COPIED is set again, so no cluster is ever marked exclusively
-  // owned while the disk still says it is shared (QEMU orders its caches the same way).
-  await file.datasync();
-  await updateCopiedFlags(state, rc);
-  // fdatasync: COPIED restored; writes after a crash before this only COW unnecessarily.
-  await file.datasync();
 }

@@ -4,14 +4,22 @@
  *
  *   begin():  reserve one contiguous run of new host clusters at the end of
  *             the file; the stream writes the vmstate there with O_DIRECT.
- *   commit(): after the vmstate is durable, build the snapshot around it in
- *             the crash-safe order of DESIGN.md "Commit order".
+ *   commit(): after the vmstate is durable, build the snapshot around it and
+ *             switch to it with one header write (shadow-commit.ts): no live
+ *             metadata cluster is modified in place, so a crash at any moment
+ *             leaves either the old image or the new snapshot, with neither
+ *             corruption nor leaks.
  *
  * The committed result matches QEMU 7.2's savevm (qcow2_snapshot_create):
  * the snapshot's L1 is a verbatim copy of the active L1 (COPIED bits
  * included, as QEMU copies before updating them) plus L2 tables mapping the
  * vmstate area; every cluster the active L1 reaches gains a reference; COPIED
- * is then cleared where refcounts exceed 1. The vmstate clusters and their L2
+ * is then cleared where refcounts exceed 1. Where QEMU clears COPIED in a
+ * live L2 table T, we write a copy T' with the bits cleared and point the new
+ * active L1 at it; the snapshot's L1 keeps T (refcount 1, its stale COPIED
+ * bits are ignored by qemu-img check and rewritten by loadvm, as QEMU's own
+ * verbatim L1 copy is). The data under T is reached through T and T', so its
+ * refcount rises by one exactly as in QEMU. The vmstate clusters and their L2
  * tables have refcount 1 and belong to the snapshot alone, which is where
  * QEMU ends up too after it discards the vmstate from the active L1. (QEMU
  * also leaves a private, all-zero L2 table in the active L1 for that range;
@@ -21,11 +29,11 @@
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { L1Table, L2Table, QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
 import { invariant, unsupported } from './fail.js';
-import { encodeRefcountTablePointer, encodeSnapshotPointer, REFCOUNT_TABLE_POINTER_OFFSET, SNAPSHOT_POINTER_OFFSET } from './header.js';
 import type { ImageState } from './image-state.js';
 import type { Layout } from './layout.js';
 import { forEachReachedTable } from './reach.js';
 import { EndAllocator, RefcountStore } from './refcount.js';
+import { commitShadow, shadowActiveTables, type ActiveShadow, type FreshWrite, type MetadataPointers } from './shadow-commit.js';
 import {
   asWritten,
   encodeSnapshotTable,
@@ -59,13 +67,11 @@ type Phase = 'reserved' | 'committing' | 'referenced' | 'committed' | 'aborted';
 
 interface SavePlan {
   rc: RefcountStore;
-  alloc: EndAllocator;
-  vmL2s: L2Table[];
-  snapshotL1: L1Table;
-  snapshotL1Offset: number;
   entry: SnapshotEntry;
   table: Buffer;
-  tableOffset: number;
+  active: ActiveShadow;
+  writes: FreshWrite[];
+  pointers: MetadataPointers;
 }
 
 export class SaveTransaction implements SaveReservation {
@@ -74,12 +80,15 @@ export class SaveTransaction implements SaveReservation {
   readonly maxLength: number;
   private readonly _state: ImageState;
   private readonly _fileSizeAtBegin: number;
+  /** Refcount blocks in the image at begin() (they may all be copied; reservation bound). */
+  private readonly _refcountBlocks: number;
   private _phase: Phase = 'reserved';
   /** Space was reserved past the vmstate (preallocate: 'space'); give back what the save did not use. */
   private _trimTail = false;
 
-  private constructor(state: ImageState, name: string, hostOffset: number, maxLength: number) {
+  private constructor(state: ImageState, name: string, hostOffset: number, maxLength: number, refcountBlocks: number) {
     this._state = state;
+    this._refcountBlocks = refcountBlocks;
     this.name = name;
     this.hostOffset = hostOffset;
     this.maxLength = maxLength;
@@ -105,7 +114,7 @@ export class SaveTransaction implements SaveReservation {
     const vmIndex = layout.vmStateL1Index(header.size);
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
     const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - hostOffset));
-    return new SaveTransaction(state, name, hostOffset, maxLength);
+    return new SaveTransaction(state, name, hostOffset, maxLength, rc.blockCount);
   }
 
   get phase(): Phase {
@@ -117,7 +126,11 @@ export class SaveTransaction implements SaveReservation {
     validateSaveMetadata(meta, this.maxLength);
     this._phase = 'committing';
     const plan = await this.plan(meta);
-    await this.writeAndCommit(plan);
+    await commitShadow(this._state, plan.writes, plan.pointers, () => {
+      this._phase = 'referenced';
+    });
+    this.committed(plan);
+    this._state.fileSizeBytes = (await this._state.file.stat()).size;
     if (this._trimTail) await this.trimTail(plan.rc).catch(() => undefined); // a failure only keeps free clusters
     return plan.entry;
   }
@@ -125,23 +138,37 @@ export class SaveTransaction implements SaveReservation {
   /**
    * Bytes from hostOffset that a save of up to `vmStateBytes` can occupy: the
    * vmstate run plus an upper bound of its metadata (vmstate L2 tables, the L1
-   * copy, the new snapshot table, refcount blocks and a grown refcount table).
-   * Reserving them up front turns a full disk into an ENOSPC before the first
-   * vmstate byte; commit() then gives back what the save did not use.
+   * copy, the new snapshot table, copies of the active L1 and of every active
+   * L2 table, a copy of every refcount block plus new ones, and a fresh,
+   * possibly grown refcount table). Reserving them up front turns a full disk
+   * into an ENOSPC before the first vmstate byte; commit() then gives back
+   * what the save did not use.
    */
   reservationBytes(vmStateBytes: number): number {
     const { layout, l1, header } = this._state;
     const vmClusters = layout.clustersFor(Math.min(vmStateBytes, this.maxLength));
     const l2Tables = Math.ceil(vmClusters / layout.l2Entries);
     const l1Entries = Math.max(l1.entries, layout.vmStateL1Index(header.size) + l2Tables);
+    let activeL2Tables = 0;
+    for (let i = 0; i < l1.entries; i++) if (l1.rawOffset(i) !== 0) activeL2Tables++;
     // Our entry: fixed part, extra data, an id of at most 20 digits, the longest name, 8-byte alignment.
     const entryBytes = SNAPSHOT_HEADER_BYTES + KNOWN_EXTRA_DATA_BYTES + 20 + MAX_SNAPSHOT_NAME_BYTES + 8;
     const fresh =
-      vmClusters + l2Tables + layout.clustersFor(l1Entries * 8) + layout.clustersFor(this._state.snapshotTableBytes + entryBytes);
-    const blocks = Math.ceil(fresh / layout.refblockEntries) + 2;
-    const endCluster = layout.clusterIndex(this.hostOffset) + fresh + blocks;
-    // RefcountStore.growTable asks for 1.5 x the entries in use; bound it by the whole end of file.
-    const tableClusters = layout.clustersFor(Math.ceil((endCluster / layout.refblockEntries + 2) * 1.5) * 8);
+      vmClusters +
+      l2Tables +
+      layout.clustersFor(l1Entries * 8) +
+      layout.clustersFor(this._state.snapshotTableBytes + entryBytes) +
+      layout.clustersFor(l1.entries * 8) +
+      activeL2Tables;
+    const newBlocks = Math.ceil((fresh + this._refcountBlocks) / layout.refblockEntries) + 2;
+    const endCluster = layout.clusterIndex(this.hostOffset) + fresh + this._refcountBlocks + newBlocks;
+    // RefcountStore.relocate asks for 1.5 x the entries in use when it grows; bound it by the whole end of file.
+    const tableClusters = Math.max(
+      header.refcountTableClusters,
+      layout.clustersFor(Math.ceil((endCluster / layout.refblockEntries + 4) * 1.5) * 8),
+    );
+    // Every existing block may be copied; new ones cover the fresh clusters, the copies and the table.
+    const blocks = this._refcountBlocks + newBlocks + Math.ceil(tableClusters / layout.refblockEntries) + 1;
     this._trimTail = true;
     return (fresh + blocks + tableClusters) * layout.clusterSize;
   }
@@ -157,10 +184,11 @@ export class SaveTransaction implements SaveReservation {
   }
 
   /**
-   * Leaves the image as before. Until refcounts of existing blocks were
-   * touched, everything we wrote lies in free clusters past the last
-   * allocated one and nothing references it, so the file is truncated back to
-   * its old length; later, only leaks remain.
+   * Leaves the image as before. Until the header write, everything we wrote
+   * lies in free clusters past the last allocated one and nothing references
+   * it, so the file is truncated back to its old length. Once the header
+   * write was issued it may have reached the disk: the file is left alone
+   * (the new clusters are then either in use or free, never leaked).
    */
   async abort(): Promise<void> {
     if (this._phase === 'committed' || this._phase === 'aborted') return;
@@ -181,7 +209,7 @@ export class SaveTransaction implements SaveReservation {
     const vmL2s = buildVmStateL2s(alloc, this.hostOffset, vmClusters, layout);
     const l1Entries = Math.max(l1.entries, vmL2s.length > 0 ? vmIndex + vmL2s.length : 0);
     if (l1Entries > QCOW_MAX_L1_SIZE_BYTES / 8) throw unsupported('the vmstate needs an L1 table above 32 MiB');
-    // Verbatim copy, COPIED bits included: QEMU copies the L1 before updating refcounts.
+    // Verbatim copy of the live L1, COPIED bits included: QEMU copies the L1 before updating refcounts.
     const snapshotL1 = L1Table.empty(l1Entries, layout);
     l1.bytes.copy(snapshotL1.bytes, 0, 0, l1.entries * 8);
     vmL2s.forEach((table, j) => snapshotL1.set(vmIndex + j, table.hostOffset, true));
@@ -196,17 +224,26 @@ export class SaveTransaction implements SaveReservation {
       header.refcountTableClusters,
       this._state.fileSizeBytes,
     );
-    // Every cluster the copied entries reach gains a reference; overflow is refused here, before any write.
-    const replaced = (i: number): boolean => i >= vmIndex && i < vmIndex + vmL2s.length;
-    await forEachReachedTable(this._state, l1, async ({ l2, dataClusters }) => {
-      const l2Cluster = layout.clusterIndex(l2.hostOffset);
-      await rc.preload([l2Cluster]);
-      await rc.preload(dataClusters);
-      rc.add(l2Cluster, 1);
-      for (const cluster of dataClusters) rc.add(cluster, 1);
-    }, replaced);
-    await rc.coverAllocation(alloc);
-    return { rc, alloc, vmL2s, snapshotL1, snapshotL1Offset, entry, table, tableOffset };
+    await addSnapshotReferences(this._state, rc, (i) => i >= vmIndex && i < vmIndex + vmL2s.length);
+    const active = await shadowActiveTables(this._state, rc, alloc);
+    await rc.release(header.snapshotsOffset, this._state.snapshotTableBytes);
+    const refcountTable = await rc.relocate(alloc);
+    const writes: FreshWrite[] = [
+      ...vmL2s.map((t) => ({ offset: t.hostOffset, bytes: t.bytes })),
+      ...(l1Entries > 0 ? [{ offset: snapshotL1Offset, bytes: snapshotL1.bytes }] : []),
+      { offset: tableOffset, bytes: table },
+      ...active.writes,
+      ...rc.freshWrites(),
+    ];
+    const pointers: MetadataPointers = {
+      l1Size: active.l1.entries,
+      l1TableOffset: active.l1Offset,
+      refcountTableOffset: refcountTable.offset,
+      refcountTableClusters: refcountTable.clusters,
+      nbSnapshots: this._state.snapshots.length + 1,
+      snapshotsOffset: tableOffset,
+    };
+    return { rc, entry, table, active, writes, pointers };
   }
 
   private makeEntry(meta: SaveMetadata, l1TableOffset: number, l1Size: number): SnapshotEntry {
@@ -230,47 +267,31 @@ export class SaveTransaction implements SaveReservation {
     };
   }
 
-  private async writeAndCommit(plan: SavePlan): Promise<void> {
-    const { file } = this._state;
-    for (const table of plan.vmL2s) await file.write(table.bytes, table.hostOffset);
-    if (plan.snapshotL1.entries > 0) await file.write(plan.snapshotL1.bytes, plan.snapshotL1Offset);
-    await file.write(plan.table, plan.tableOffset);
-    await plan.rc.writeFreshStructures();
-    // fdatasync: vmstate L2s, the L1 copy, the new snapshot table and new refcount blocks/table are
-    // durable before any refcount table entry or header field points at them.
-    await file.datasync();
-    this._phase = 'referenced';
-    await plan.rc.writeInPlace();
-    // fdatasync: +1 for every shared cluster and refcount 1 for every new one are durable before the
-    // refcount table is switched and before COPIED flags change (QEMU flushes refcounts before L2s).
-    await file.datasync();
-    await switchRefcountTable(this._state, plan.rc);
-    await updateCopiedFlags(this._state, plan.rc);
-    // fdatasync: the active L1/L2 no longer claim sole ownership of clusters the snapshot is about
-    // to share, so no write after the commit can modify snapshot data in place.
-    await file.datasync();
-    const oldTable = { offset: this._state.header.snapshotsOffset, bytes: this._state.snapshotTableBytes };
-    await this.commitPoint(plan);
-    await plan.rc.release(oldTable.offset, oldTable.bytes);
-    await plan.rc.writeInPlace();
-    // fdatasync: the old snapshot table's clusters are free; a crash before this only leaks them.
-    await file.datasync();
-    this._state.fileSizeBytes = (await file.stat()).size;
-  }
-
-  /** THE COMMIT POINT: one 12-byte header write makes the snapshot exist. */
-  private async commitPoint(plan: SavePlan): Promise<void> {
+  /** The header now points at the new metadata: bring the in-memory state along. */
+  private committed(plan: SavePlan): void {
     const state = this._state;
-    const entries = [...state.snapshots, plan.entry].map(asWritten);
-    await state.file.write(encodeSnapshotPointer(entries.length, plan.tableOffset), SNAPSHOT_POINTER_OFFSET);
-    // fdatasync: the snapshot is now part of the image; everything after this only frees old clusters.
-    await state.file.datasync();
     this._phase = 'committed';
-    state.snapshots = entries;
+    state.snapshots = [...state.snapshots, plan.entry].map(asWritten);
     state.snapshotTableBytes = plan.table.length;
-    state.header.nbSnapshots = entries.length;
-    state.header.snapshotsOffset = plan.tableOffset;
+    state.l1 = plan.active.l1;
   }
+}
+
+/**
+ * +1 for every cluster the active L1 reaches (its L2 tables and the clusters
+ * they use, compressed ones by every host cluster they touch), skipping the
+ * L1 indices the snapshot maps to its own vmstate L2s instead. Overflow is
+ * refused here, before any write.
+ */
+async function addSnapshotReferences(state: ImageState, rc: RefcountStore, replaced: (l1Index: number) => boolean): Promise<void> {
+  const { layout, l1 } = state;
+  await forEachReachedTable(state, l1, async ({ l2, dataClusters }) => {
+    const l2Cluster = layout.clusterIndex(l2.hostOffset);
+    await rc.preload([l2Cluster]);
+    await rc.preload(dataClusters);
+    rc.add(l2Cluster, 1);
+    for (const cluster of dataClusters) rc.add(cluster, 1);
+  }, replaced);
 }
 
 const MAX_U64 = (1n << 64n) - 1n;
@@ -306,48 +327,6 @@ function buildVmStateL2s(alloc: EndAllocator, hostOffset: number, vmClusters: nu
     });
   }
   return tables;
-}
-
-/**
- * The refcount table growth mini-commit: the grown table (written and synced
- * with the other fresh structures) becomes current with one 12-byte header
- * write; only then does the old table lose its reference.
- */
-export async function switchRefcountTable(state: ImageState, rc: RefcountStore): Promise<void> {
-  const pending = rc.pendingTable;
-  if (pending === undefined) return;
-  await state.file.write(encodeRefcountTablePointer(pending.offset, pending.clusters), REFCOUNT_TABLE_POINTER_OFFSET);
-  // fdatasync: the header points at the grown refcount table before the old one is freed.
-  await state.file.datasync();
-  state.header.refcountTableOffset = pending.offset;
-  state.header.refcountTableClusters = pending.clusters;
-  await rc.completeTableSwitch();
-  await rc.writeInPlace();
-}
-
-/**
- * Recomputes COPIED in the active L1 and its L2 tables from the refcounts,
- * like qcow2_update_snapshot_refcount(): set exactly when the refcount is 1.
- * Writes only tables that changed; the caller syncs.
- */
-export async function updateCopiedFlags(state: ImageState, rc: RefcountStore): Promise<void> {
-  const { layout, l1, file } = state;
-  let l1Changed = false;
-  await forEachReachedTable(state, l1, async ({ l1Index, l2, dataClusters }) => {
-    const l2Cluster = layout.clusterIndex(l2.hostOffset);
-    await rc.preload([l2Cluster]);
-    await rc.preload(dataClusters);
-    let changed = false;
-    for (let i = 0; i < l2.entries; i++) {
-      if (l2.isUnallocated(i)) continue;
-      const entry = l2.entry(i);
-      if (entry.kind !== 'normal' && entry.kind !== 'zero-alloc') continue;
-      changed = l2.setCopied(i, rc.get(layout.clusterIndex(entry.hostOffset)) === 1) || changed;
-    }
-    if (changed) await file.write(l2.bytes, l2.hostOffset);
-    l1Changed = l1.setCopied(l1Index, rc.get(l2Cluster) === 1) || l1Changed;
-  });
-  if (l1Changed) await file.write(l1.bytes, state.header.l1TableOffset);
 }
 
 export function snapshotExistsError(name: string): SnapshotError {

@@ -2,10 +2,9 @@
  * Refcount table and refcount blocks (qcow2.txt "Host cluster management"),
  * for every entry width from 1 to 64 bits.
  *
- * Changes are made in memory first and written by the caller in an explicit
- * order: fresh structures (new blocks, a grown table) go to never-referenced
- * clusters and must be durable before anything points at them; existing
- * blocks are then updated in place. See image-save.ts for the sequence.
+ * Changes are made in memory only. A block that changes is never rewritten
+ * in place: relocate() moves it to a fresh cluster and builds a fresh table,
+ * which the header switches to in one write (shadow-commit.ts).
  *
  * Allocation is append-only: while snapstream holds the image's write lock
  * nothing else allocates, so new clusters are taken from the cluster-aligned
@@ -98,6 +97,12 @@ export function setRefcountEntry(block: Buffer, index: number, order: number, va
   }
 }
 
+/** Where relocate() put the fresh refcount table. */
+export interface ShadowTable {
+  offset: number;
+  clusters: number;
+}
+
 export class RefcountStore {
   readonly layout: Layout;
   /** Block host offsets by table index; 0 = no block. Includes blocks created in this transaction. */
@@ -105,12 +110,12 @@ export class RefcountStore {
   private _tableOffset: number;
   private _tableClusters: number;
   private readonly _blocks = new Map<number, Buffer>();
-  /** Existing blocks changed in memory, to be written in place. */
-  private readonly _dirtyBlocks = new Set<number>();
-  /** Blocks created in this transaction (table index), written to fresh clusters. */
-  private readonly _newBlocks = new Set<number>();
-  /** A grown table waiting to be written and switched to, if any. */
-  private _pendingTable: { offset: number; clusters: number } | undefined;
+  /** Blocks (table index) changed in memory or created: each moves to a fresh cluster. */
+  private readonly _dirty = new Set<number>();
+  /** Dirty blocks already given their fresh cluster (this._table holds the new offset). */
+  private readonly _relocated = new Set<number>();
+  /** The fresh table planned by relocate(). */
+  private _shadow: ShadowTable | undefined;
   private readonly _file: MetaFile;
 
   private constructor(file: MetaFile, layout: Layout, table: number[], offset: number, clusters: number) {
@@ -156,11 +161,6 @@ export class RefcountStore {
     return this._table.filter((offset) => offset !== 0);
   }
 
-  /** Entries the table can hold (the grown one, if a growth is pending). */
-  get tableCapacity(): number {
-    return ((this._pendingTable?.clusters ?? this._tableClusters) * this.layout.clusterSize) / 8;
-  }
-
   blockIndexOf(cluster: number): number {
     return Math.floor(cluster / this.layout.refblockEntries);
   }
@@ -189,10 +189,11 @@ export class RefcountStore {
   /** Refcount of `cluster`; its block must have been preloaded. */
   get(cluster: number): number {
     const index = this.blockIndexOf(cluster);
-    const offset = this._table[index] ?? 0;
-    if (offset === 0) return 0;
     const block = this._blocks.get(index);
-    invariant(block !== undefined, `refcount block ${index} preloaded`);
+    if (block === undefined) {
+      invariant((this._table[index] ?? 0) === 0, `refcount block ${index} preloaded`);
+      return 0;
+    }
     return getRefcountEntry(block, cluster % this.layout.refblockEntries, this.layout.refcountOrder);
   }
 
@@ -222,39 +223,61 @@ export class RefcountStore {
       );
     }
     setRefcountEntry(block, entry, this.layout.refcountOrder, value);
-    if (!this._newBlocks.has(index)) this._dirtyBlocks.add(index);
+    this._dirty.add(index);
     return value;
   }
 
   /**
-   * Gives every cluster in [alloc.startOffset, alloc.endOffset) refcount 1,
-   * creating refcount blocks (and, when the table is full, a larger table)
-   * from the same allocator until everything covers itself. In memory only.
+   * Moves every changed refcount block to a fresh cluster and builds a fresh
+   * refcount table, in memory (shadow paging; see shadow-commit.ts). On return:
+   *
+   *   - every cluster in [alloc.startOffset, alloc.endOffset) has refcount 1,
+   *     except the clusters of a table that had to be re-sized (0, free);
+   *   - every block that differs from its on-disk copy has a new cluster, and
+   *     its old cluster, which only the old table referenced, has refcount 0;
+   *   - the old table's clusters have refcount 0.
+   *
+   * New blocks and the new table need refcounts themselves, so this iterates
+   * to a fixpoint. Nothing on disk changes; `freshWrites()` lists the writes.
    */
-  async coverAllocation(alloc: EndAllocator): Promise<void> {
-    const firstCluster = this.layout.clusterIndex(alloc.startOffset);
+  async relocate(alloc: EndAllocator): Promise<ShadowTable> {
+    invariant(this._shadow === undefined, 'relocate runs once per transaction');
+    const layout = this.layout;
+    const oldTableFirst = layout.clusterIndex(this._tableOffset);
+    await this.preloadRange(oldTableFirst, oldTableFirst + this._tableClusters);
+    for (let i = 0; i < this._tableClusters; i++) this.add(oldTableFirst + i, -1);
+    let counted = layout.clusterIndex(alloc.startOffset);
+    let table: ShadowTable | undefined;
     for (let round = 0; ; round++) {
       invariant(round < 64, 'refcount structure allocation converges');
-      const endCluster = this.layout.clusterIndex(alloc.endOffset);
-      if (endCluster === firstCluster) return;
-      await this.preloadRange(firstCluster, endCluster);
-      const lastIndex = this.blockIndexOf(endCluster - 1);
-      if (lastIndex >= this.tableCapacity) {
-        this.growTable(alloc, lastIndex);
-        continue;
+      const endCluster = layout.clusterIndex(alloc.endOffset);
+      await this.coverRange(counted, endCluster);
+      counted = endCluster;
+      let progress = await this.relocateDirtyBlocks(alloc);
+      const neededEntries = this.lastBlockIndex() + 1;
+      if (table === undefined || neededEntries > (table.clusters * layout.clusterSize) / 8) {
+        // A table sized too small in an earlier round goes back to free (refcount 0, referenced by nothing).
+        if (table !== undefined) await this.releaseClusters(layout.clusterIndex(table.offset), table.clusters);
+        const clusters = this.tableClustersFor(neededEntries);
+        table = { offset: alloc.allocClusters(clusters), clusters };
+        progress = true;
       }
-      let created = false;
-      for (let index = this.blockIndexOf(firstCluster); index <= lastIndex; index++) {
-        if ((this._table[index] ?? 0) !== 0) continue;
-        this._table[index] = alloc.allocClusters(1);
-        this._blocks.set(index, Buffer.alloc(this.layout.clusterSize));
-        this._newBlocks.add(index);
-        created = true;
-      }
-      if (!created) break;
+      if (!progress && layout.clusterIndex(alloc.endOffset) === counted) break;
     }
-    const endCluster = this.layout.clusterIndex(alloc.endOffset);
-    for (let cluster = firstCluster; cluster < endCluster; cluster++) {
+    this._shadow = table;
+    return table;
+  }
+
+  /** Blocks whose clusters [first, end) need, created empty; then refcount 1 for each of those clusters. */
+  private async coverRange(first: number, end: number): Promise<void> {
+    if (end <= first) return;
+    await this.preloadRange(first, end);
+    for (let index = this.blockIndexOf(first); index <= this.blockIndexOf(end - 1); index++) {
+      if ((this._table[index] ?? 0) !== 0 || this._blocks.has(index)) continue;
+      this._blocks.set(index, Buffer.alloc(this.layout.clusterSize));
+      this._dirty.add(index);
+    }
+    for (let cluster = first; cluster < end; cluster++) {
       if (this.get(cluster) !== 0) {
         throw corrupt(`cluster ${cluster} past the allocated end already has refcount ${this.get(cluster)}`, {
           offset: cluster * this.layout.clusterSize,
@@ -264,81 +287,71 @@ export class RefcountStore {
     }
   }
 
-  private growTable(alloc: EndAllocator, lastIndex: number): void {
-    // A second growth would leak the first new table; the headroom below makes it unreachable.
-    invariant(this._pendingTable === undefined, 'the refcount table grows at most once per transaction');
-    const entriesPerCluster = this.layout.clusterSize / 8;
-    // Headroom: room for the table itself and its blocks, plus 50 % so growth stays rare.
-    const wantedEntries = Math.ceil((lastIndex + 2) * 1.5);
-    const clusters = Math.ceil(wantedEntries / entriesPerCluster);
-    if (clusters * this.layout.clusterSize > QCOW_MAX_REFTABLE_SIZE_BYTES) {
-      throw unsupported("the refcount table would grow beyond QEMU's 8 MiB limit");
+  /** Gives each changed, not yet moved block a fresh cluster and frees its old one. Returns whether any moved. */
+  private async relocateDirtyBlocks(alloc: EndAllocator): Promise<boolean> {
+    let moved = false;
+    for (const index of [...this._dirty].sort((a, b) => a - b)) {
+      if (this._relocated.has(index)) continue;
+      const oldOffset = this._table[index] ?? 0;
+      this._relocated.add(index);
+      while (this._table.length <= index) this._table.push(0);
+      this._table[index] = alloc.allocClusters(1);
+      moved = true;
+      if (oldOffset !== 0) await this.releaseClusters(this.layout.clusterIndex(oldOffset), 1);
     }
-    this._pendingTable = { offset: alloc.allocClusters(clusters), clusters };
+    return moved;
   }
 
-  /** The grown table that the header must be switched to, if any. */
-  get pendingTable(): { offset: number; clusters: number } | undefined {
-    return this._pendingTable;
-  }
-
-  /**
-   * Writes structures that live in fresh clusters: new blocks and a grown
-   * table. Nothing on disk references them yet, so no ordering is needed
-   * among these writes; the caller syncs before referencing them.
-   */
-  async writeFreshStructures(): Promise<void> {
-    for (const index of this._newBlocks) {
-      await this._file.write(this._blocks.get(index)!, this._table[index]!);
-    }
-    if (this._pendingTable !== undefined) {
-      await this._file.write(this.encodeTable(this._pendingTable.clusters), this._pendingTable.offset);
-    }
-  }
-
-  /**
-   * Writes modified existing blocks in place and, while the on-disk table is
-   * still the current one, the entries for new blocks. New blocks must be
-   * durable already (writeFreshStructures + fdatasync).
-   */
-  async writeInPlace(): Promise<void> {
-    for (const index of [...this._dirtyBlocks].sort((a, b) => a - b)) {
-      await this._file.write(this._blocks.get(index)!, this._table[index]!);
-    }
-    this._dirtyBlocks.clear();
-    if (this._pendingTable !== undefined) return; // the grown table already holds them
-    for (const index of this._newBlocks) {
-      const entry = Buffer.alloc(8);
-      entry.writeBigUInt64BE(BigInt(this._table[index]!));
-      await this._file.write(entry, this._tableOffset + index * 8);
-    }
-    this._newBlocks.clear();
-  }
-
-  /**
-   * Call once the header points at the grown table: the old table's clusters
-   * lose their reference (in memory; written by the next writeInPlace).
-   */
-  async completeTableSwitch(): Promise<void> {
-    const pending = this._pendingTable;
-    invariant(pending !== undefined, 'a table switch happened');
-    const first = this.layout.clusterIndex(this._tableOffset);
-    const oldClusters = this._tableClusters;
-    this._tableOffset = pending.offset;
-    this._tableClusters = pending.clusters;
-    this._pendingTable = undefined;
-    this._newBlocks.clear();
-    await this.preloadRange(first, first + oldClusters);
-    for (let i = 0; i < oldClusters; i++) this.add(first + i, -1);
-  }
-
-  /** Frees (refcount -1) every cluster touched by [offset, offset + lengthBytes). */
+  /** Refcount -1 for every cluster touched by [offset, offset + lengthBytes): a structure nothing will reference. */
   async release(offset: number, lengthBytes: number): Promise<void> {
     if (lengthBytes <= 0) return;
     const first = this.layout.clusterIndex(offset);
-    const end = this.layout.clusterIndex(offset + lengthBytes - 1) + 1;
-    await this.preloadRange(first, end);
-    for (let cluster = first; cluster < end; cluster++) this.add(cluster, -1);
+    await this.releaseClusters(first, this.layout.clusterIndex(offset + lengthBytes - 1) + 1 - first);
+  }
+
+  private async releaseClusters(first: number, count: number): Promise<void> {
+    await this.preloadRange(first, first + count);
+    for (let i = 0; i < count; i++) this.add(first + i, -1);
+  }
+
+  private lastBlockIndex(): number {
+    let last = this._table.length - 1;
+    while (last >= 0 && (this._table[last] ?? 0) === 0) last--;
+    for (const index of this._blocks.keys()) last = Math.max(last, index);
+    return last;
+  }
+
+  /** The old size while it suffices; otherwise 50 % headroom so that growth stays rare. */
+  private tableClustersFor(neededEntries: number): number {
+    const entriesPerCluster = this.layout.clusterSize / 8;
+    if (neededEntries <= this._tableClusters * entriesPerCluster) return this._tableClusters;
+    const clusters = Math.ceil(Math.ceil((neededEntries + 1) * 1.5) / entriesPerCluster);
+    if (clusters * this.layout.clusterSize > QCOW_MAX_REFTABLE_SIZE_BYTES) {
+      throw unsupported("the refcount table would grow beyond QEMU's 8 MiB limit");
+    }
+    return clusters;
+  }
+
+  /**
+   * The writes relocate() planned: every moved block at its new cluster and
+   * the new table. All go to clusters nothing on disk references yet, so
+   * their order does not matter; the caller syncs before the header switch.
+   */
+  freshWrites(): Array<{ offset: number; bytes: Buffer }> {
+    const table = this._shadow;
+    invariant(table !== undefined, 'relocate() ran');
+    const writes = [...this._relocated].sort((a, b) => a - b).map((index) => ({
+      offset: this._table[index]!,
+      bytes: this._blocks.get(index)!,
+    }));
+    invariant(this.lastBlockIndex() < (table.clusters * this.layout.clusterSize) / 8, 'the new table holds every block');
+    writes.push({ offset: table.offset, bytes: this.encodeTable(table.clusters) });
+    return writes;
+  }
+
+  /** Number of refcount blocks in the table (reservation bounds). */
+  get blockCount(): number {
+    return this.blockOffsets().length;
   }
 
   /**

@@ -4,6 +4,29 @@ import { openImage } from '../../src/qcow2/image.js';
 import { qemuImg, qemuIo } from '../helpers/tools.js';
 import { guestWrite, qemuMissing, Workdir } from './fixtures.js';
 import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
+import { copyFile } from 'node:fs/promises';
+import { TargetFile } from '../../src/io/target-file.js';
+import { loadImageState } from '../../src/qcow2/image-state.js';
+import { dataClustersOf, forEachReachedTable } from '../../src/qcow2/reach.js';
+import { RefcountStore } from '../../src/qcow2/refcount.js';
+import { run } from '../helpers/tools.js';
+
+/** Refcount of every data cluster the active L1 reaches, by host cluster index (data clusters never move). */
+async function activeDataRefcounts(path: string): Promise<Map<number, number>> {
+  const file = await TargetFile.open(path, { write: false, direct: false });
+  try {
+    const state = await loadImageState(file);
+    const { layout, header } = state;
+    const rc = await RefcountStore.load(file, layout, header.refcountTableOffset, header.refcountTableClusters, state.fileSizeBytes);
+    const counts = new Map<number, number>();
+    await forEachReachedTable(state, state.l1, async ({ l2 }) => {
+      for (const cluster of dataClustersOf(l2, state)) counts.set(cluster, await rc.getAsync(cluster));
+    });
+    return counts;
+  } finally {
+    await file.close();
+  }
+}
 
 async function collect(stream: NodeJS.ReadableStream): Promise<Buffer> {
   const parts: Buffer[] = [];
@@ -81,6 +104,34 @@ describe.skipIf(qemuMissing)('qcow2 image: open, list, export, delete, check', (
     expect((await qemuImg.snapshotList(path)).map((s) => s.name)).toEqual(['b']);
     await qemuImg.snapshot(path, 'apply', 'b');
     await qemuIo(path, ['read -P 0x11 0 1M', 'read -P 0x22 1M 2M']);
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
+  });
+
+  it('leaves after a delete what `qemu-img snapshot -d` leaves: same snapshots, same data refcounts, same disks, check clean', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20, clusterSize: 65536 });
+    await guestWrite(path, 'write -P 0x11 0 2M', 'write -c -P 0x12 8M 64k');
+    await qemuImg.snapshot(path, 'create', 'a');
+    await guestWrite(path, 'write -P 0x22 1M 2M', 'write -z 8M 64k');
+    await qemuImg.snapshot(path, 'create', 'b');
+    await guestWrite(path, 'write -P 0x33 0 512k');
+    const theirs = work.path('theirs');
+    await copyFile(path, theirs);
+    await qemuImg.snapshot(theirs, 'delete', 'a');
+    const img = await openImage(path);
+    try {
+      await img.deleteSnapshot('a');
+    } finally {
+      await img.close();
+    }
+    for (const p of [path, theirs]) {
+      const check = await qemuImg.check(p);
+      expect([check.exitCode, check.corruptions ?? 0, check.leaks ?? 0]).toEqual([0, 0, 0]);
+    }
+    expect(await qemuImg.snapshotList(path)).toEqual(await qemuImg.snapshotList(theirs));
+    expect([...(await activeDataRefcounts(path))].sort()).toEqual([...(await activeDataRefcounts(theirs))].sort());
+    expect((await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', path, theirs])).code).toBe(0);
+    for (const p of [path, theirs]) await qemuImg.snapshot(p, 'apply', 'b');
+    expect((await run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', path, theirs])).code).toBe(0);
     expect((await qemuImg.check(path)).exitCode).toBe(0);
   });
 

@@ -7,7 +7,7 @@ import { openImage, type Image } from '../../src/qcow2/image.js';
 import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
 import { fromChunks, pseudoRandom } from '../helpers/streams.js';
 import { qemuImg, qemuIo, requireTool } from '../helpers/tools.js';
-import { guestWrite, qemuMissing, Workdir } from './fixtures.js';
+import { guestWrite, qemuMissing, readBytes, Workdir } from './fixtures.js';
 
 const sha = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
 
@@ -239,6 +239,60 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     }
     expect((await qemuImg.check(path)).exitCode).toBe(0);
     expect(sha(await exportVmState(path, 'big'))).toBe(sha(vmstate));
+  });
+
+  it('changes no live metadata in place: COPIED changes go to fresh L2 copies, the snapshot keeps the originals', async () => {
+    const path = await work.image({ sizeBytes: 64 << 20, clusterSize: 65536 });
+    await guestWrite(path, 'write -P 0x42 0 1M', 'write -P 0x43 40M 64k');
+    const l1Before = (await readBytes(path, 40, 8)).readBigUInt64BE();
+    const img = await openImage(path);
+    try {
+      await saveWithCalls(img, 'one', pseudoRandom(70_000, 3));
+      await saveWithCalls(img, 'two', pseudoRandom(70_000, 4)); // nothing left to un-COPY: the L2 tables are shared
+    } finally {
+      await img.close();
+    }
+    const after = await qemuImg.check(path);
+    expect([after.exitCode, after.leaks ?? 0, after.corruptions ?? 0]).toEqual([0, 0, 0]);
+    expect((await readBytes(path, 40, 8)).readBigUInt64BE(), 'the active L1 is a fresh copy').not.toBe(l1Before);
+    await guestWrite(path, 'write -P 0x44 0 64k');
+    for (const [name, reads] of [
+      ['one', ['read -P 0x42 0 1M', 'read -P 0x43 40M 64k']],
+      ['two', ['read -P 0x42 0 1M', 'read -P 0x43 40M 64k']],
+    ] as const) {
+      await qemuImg.snapshot(path, 'apply', name);
+      await qemuIo(path, [...reads]);
+      expect((await qemuImg.check(path)).exitCode).toBe(0);
+    }
+  });
+
+  it('reserves enough space for the shadow copies: copied L2 tables, L1, refcount blocks and table (4 KiB clusters)', async () => {
+    // 4 KiB clusters: one L2 table maps 2 MiB, so 64 KiB every 2 MiB puts COPIED entries in 64 L2 tables.
+    const path = await work.image({ sizeBytes: 128 << 20, clusterSize: 4096, refcountBits: 8 });
+    const writes: string[] = [];
+    for (let mib = 0; mib < 128; mib += 2) writes.push(`write -P 0x42 ${mib}M 64k`);
+    await guestWrite(path, ...writes);
+    const vmstate = pseudoRandom(3 << 20, 9);
+    const img = await openImage(path);
+    try {
+      const { hostOffset } = await img.beginSave('bounded');
+      const save = (img as unknown as { _save: { reservationBytes(bytes: number): number } })._save;
+      const bound = save.reservationBytes(vmstate.length);
+      const file = await TargetFile.open(img.path, { write: true, create: false, direct: false });
+      try {
+        await file.write(vmstate, hostOffset);
+        await file.datasync();
+      } finally {
+        await file.close();
+      }
+      await img.commitSave({ vmStateSize: vmstate.length });
+      const end = (await stat(path)).size;
+      expect(end - hostOffset).toBeGreaterThan(vmstate.length + 64 * 4096); // the 64 L2 copies are there
+      expect(end - hostOffset).toBeLessThanOrEqual(bound);
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.check(path)).exitCode).toBe(0);
   });
 
   it('refuses to save into an image whose refcounts are 1 bit wide, before writing anything', async () => {
