@@ -66,7 +66,7 @@ describe.skipIf(qemuMissing)('refcounts in real images', () => {
     });
   }
 
-  it('grows the refcount table as its own mini-commit when new clusters need it', async () => {
+  it('grows the refcount table, switched by the same header write that commits the snapshot', async () => {
     // 512-byte clusters and 64-bit refcounts: a block covers 64 clusters, one table cluster 2 MiB.
     const path = await work.image({ sizeBytes: 1 << 20, clusterSize: 512, refcountBits: 64 });
     await guestWrite(path, 'write -P 0x44 0 256k');
