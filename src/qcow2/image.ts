@@ -10,7 +10,7 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
 import { validateStreamOptions, type ResolvedStreamOptions, type StreamOptions } from '../options.js';
-import type { SinkFactory, StreamSink } from '../stream/sink.js';
+import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from '../stream/sink.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { checkImage, type CheckResult } from './check.js';
 import { corrupt } from './fail.js';
@@ -253,7 +253,7 @@ export class Image {
     name: string,
     options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'> & Partial<Pick<ResolvedStreamOptions, 'preallocate' | 'expectedSize' | 'signal'>>,
   ): Promise<StreamSink> {
-    const data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: 2 });
+    const data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: STREAM_IO_THREADS });
     let reservation: SaveReservation;
     try {
       reservation = await this.beginSave(name, { alignment: data.alignment });

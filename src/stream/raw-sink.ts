@@ -8,15 +8,10 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
 import type { ResolvedStreamOptions } from '../options.js';
-import type { SinkFactory, StreamSink } from './sink.js';
+import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from './sink.js';
 
 /** qcow2 magic 'QFI\xfb' (qcow2.txt, "Header"). */
 const QCOW2_MAGIC = 0x514649fb;
-/**
- * Native threads per raw target: two lets the next buffer's write start the
- * moment the previous one returns, with no JS round trip in between.
- */
-export const RAW_IO_THREADS = 2;
 
 class RawSink implements StreamSink {
   readonly file: TargetFile;
@@ -50,7 +45,7 @@ class RawSink implements StreamSink {
 
 /** Opens the target, creating it (mode 0600 by default) when missing. */
 async function openTarget(path: string, opts: ResolvedStreamOptions): Promise<{ file: TargetFile; created: boolean }> {
-  const base = { write: true, direct: opts.direct, mode: opts.mode, threads: RAW_IO_THREADS };
+  const base = { write: true, direct: opts.direct, mode: opts.mode, threads: STREAM_IO_THREADS };
   try {
     return { file: await TargetFile.open(path, { ...base, create: false }), created: false };
   } catch (err) {
