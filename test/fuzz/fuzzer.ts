@@ -1,18 +1,24 @@
 /**
- * A bounded, seeded mutation fuzzer for the qcow2 decoders and the open path.
+ * A seeded, coverage-guided mutation fuzzer for the qcow2 decoders and the
+ * open path.
  *
- * NOT coverage-guided. Jazzer.js could not be used here: @jazzer.js/core 4.0.0
- * installs, but its only linux-x64 binary needs GLIBC_2.38 (Debian 12 has
- * 2.36) and fails to load; 2.1.0 builds from source, and its install fetches
- * prebuilds from github.com and then libFuzzer's compiler-rt from github.com,
- * neither of which is reachable from this machine (npm registry only).
- * Instead, mutations are aimed where coverage would lead anyway: the fixed
- * header fields, the first snapshot entry, the first L1 and refcount table
- * entries (offsets known from the seed), with values chosen to sit on every
- * limit the validator knows (0, 1, alignment +-1, cluster size, file size,
- * 2^31, 2^32-1, 2^53, 2^63...), plus generic bit flips, byte runs, splices and
- * truncations. As a rough stand-in for coverage, each run counts the distinct
- * refusal messages it reached.
+ * What guides it: V8's own block coverage, read through node:inspector
+ * (coverage.ts) and restricted to the scripts of src/qcow2/ and
+ * src/errors.ts. An input is kept in the corpus when it ran a source position
+ * of those scripts that no earlier input ran (engine.ts has the loop). It is
+ * not libFuzzer or SanitizerCoverage: there are no edge counters, no
+ * comparison tracing (cmplog) and no value profile, only which JavaScript
+ * blocks ran. Native addon code is not covered at all: it is exercised by
+ * the ASan build (`npm run test:asan`) instead. Jazzer.js could not be used:
+ * @jazzer.js/core 4.0.0's only linux-x64 binary needs GLIBC_2.38 (Debian 12
+ * has 2.36), and 2.1.0's install fetches from github.com, unreachable here.
+ *
+ * Inputs are patches over the qemu-img seed images (about 2 MiB each), applied
+ * to one scratch copy per seed and undone after each run, so an execution
+ * copies only the bytes it changes. Mutations: the structure-aware ones aimed
+ * at the fixed header fields, the first snapshot entry, and the first L1 and
+ * refcount table entries (offsets known from the seed) with values on every
+ * limit the validator knows, plus the generic set in mutators.ts.
  *
  * Oracle, per input: the target either succeeds or throws a SnapshotError
  * coded QCOW2_CORRUPT / QCOW2_UNSUPPORTED. Anything else (a RangeError from a
@@ -29,34 +35,40 @@ import { loadImageState } from '../../src/qcow2/image-state.js';
 import type { MetaFile } from '../../src/qcow2/file.js';
 import { decodeSnapshotTable } from '../../src/qcow2/snapshot-table.js';
 import { H, S, type SeedImage } from '../reliability/hostile-images.js';
+import { BlockCoverage } from './coverage.js';
+import { runLoop, type LoopStats, type Outcome, type Rng } from './engine.js';
+import { havoc, type Canvas } from './mutators.js';
+
+export { Rng } from './engine.js';
 
 const REFUSAL_CODES = new Set(['QCOW2_CORRUPT', 'QCOW2_UNSUPPORTED']);
 /** QEMU's largest table is the 64 MiB snapshot table; nothing may allocate more from a header field. */
 export const MAX_ALLOC_BYTES = 64 << 20;
 /** An open of a ~2 MiB in-memory image takes well under a millisecond; 1 s means a loop. */
 export const SLOW_INPUT_MS = 1000;
+/** Extension past the seed's end: two 64 KiB clusters, enough to move a table past EOF and back. */
+export const EXTEND_MAX_BYTES = 2 * 65536;
+/** Past this many patches an input is re-expressed as the minimal diff against its seed. */
+const MAX_PATCHES = 32;
+/** Counts the snapshot-table target is called with: none, a few, and the limits. */
+const TABLE_COUNTS: readonly number[] = [0, 1, 2, 3, 65536, 0xffffffff];
 
-/** mulberry32: small, fast, and the same sequence for the same seed everywhere. */
-export class Rng {
-  private _s: number;
-  constructor(seed: number) {
-    this._s = seed >>> 0;
-  }
-  next(): number {
-    let t = (this._s = (this._s + 0x6d2b79f5) >>> 0);
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-  pick<T>(items: readonly T[]): T {
-    return items[this.int(items.length)] as T;
-  }
+/** The scripts whose coverage guides: the qcow2 layer and the error table it throws from. */
+export function isTargetScript(url: string): boolean {
+  return /\/src\/qcow2\/[^/]+\.[jt]s$/.test(url) || /\/src\/errors\.[jt]s$/.test(url);
 }
 
 export type TargetName = 'header' | 'snapshot-table' | 'open';
+
+/** An input: `patches`, in order, over seed `base`, cut or zero-extended to `length`. */
+export interface ImageInput {
+  base: number;
+  length: number;
+  patches: { at: number; bytes: Buffer }[];
+  /** snapshot-table target only: the entry count, and where the table starts (-1: at the header's snapshots_offset). */
+  tableCount: number;
+  tableAt: number;
+}
 
 export interface Finding {
   target: TargetName;
@@ -66,13 +78,9 @@ export interface Finding {
   file: string;
 }
 
-export interface FuzzStats {
+export interface FuzzStats extends LoopStats<ImageInput> {
   target: TargetName;
-  executions: number;
-  accepted: number;
-  refused: number;
-  distinctRefusals: number;
-  findings: Finding[];
+  findingList: Finding[];
 }
 
 function interestingValues(seed: SeedImage): bigint[] {
@@ -108,52 +116,129 @@ function fieldsOf(seed: SeedImage): [number, 2 | 4 | 8][] {
   return fields;
 }
 
-function writeField(buf: Buffer, offset: number, width: 2 | 4 | 8, value: bigint): void {
-  if (offset + width > buf.length) return;
-  if (width === 8) buf.writeBigUInt64BE(BigInt.asUintN(64, value), offset);
-  else if (width === 4) buf.writeUInt32BE(Number(BigInt.asUintN(32, value)), offset);
-  else buf.writeUInt16BE(Number(BigInt.asUintN(16, value)), offset);
+/** One zero-extended scratch copy per seed; inputs are applied to it and undone. */
+class Scratch {
+  readonly bytes: Buffer;
+  constructor(readonly seed: SeedImage) {
+    this.bytes = Buffer.alloc(seed.bytes.length + EXTEND_MAX_BYTES);
+    seed.bytes.copy(this.bytes);
+  }
+  apply(patches: ImageInput['patches']): void {
+    for (const p of patches) p.bytes.copy(this.bytes, p.at);
+  }
+  undo(patches: ImageInput['patches']): void {
+    const seedLength = this.seed.bytes.length;
+    for (const p of patches) {
+      const end = p.at + p.bytes.length;
+      if (p.at < seedLength) this.seed.bytes.copy(this.bytes, p.at, p.at, Math.min(end, seedLength));
+      if (end > seedLength) this.bytes.fill(0, Math.max(p.at, seedLength), end);
+    }
+  }
+  /** The changed runs of the scratch against the seed: the minimal patch list. */
+  diff(): ImageInput['patches'] {
+    const out: ImageInput['patches'] = [];
+    const seedLength = this.seed.bytes.length;
+    const CHUNK = 4096;
+    for (let c = 0; c < this.bytes.length; c += CHUNK) {
+      const end = Math.min(c + CHUNK, this.bytes.length);
+      const ref = c < seedLength ? this.seed.bytes.subarray(c, Math.min(end, seedLength)) : Buffer.alloc(0);
+      const cur = this.bytes.subarray(c, c + ref.length);
+      if (ref.length === end - c && cur.equals(ref)) continue;
+      let i = c;
+      while (i < end) {
+        while (i < end && this.bytes[i] === (i < seedLength ? this.seed.bytes[i] : 0)) i++;
+        const start = i;
+        while (i < end && this.bytes[i] !== (i < seedLength ? this.seed.bytes[i] : 0)) i++;
+        if (i > start) out.push({ at: start, bytes: Buffer.from(this.bytes.subarray(start, i)) });
+      }
+    }
+    return out;
+  }
 }
 
-/** One to four stacked mutations of a seed. */
-export function mutate(rng: Rng, seed: SeedImage, others: readonly SeedImage[]): Buffer {
-  let buf = Buffer.from(seed.bytes);
+/** The bytes `input` holds at [from, from + count), without touching any scratch. */
+function readInput(seeds: readonly SeedImage[], input: ImageInput, from: number, count: number): Buffer {
+  const out = Buffer.alloc(count);
+  const seed = (seeds[input.base] as SeedImage).bytes;
+  if (from < seed.length) seed.copy(out, 0, from, Math.min(from + count, seed.length));
+  for (const p of input.patches) {
+    const lo = Math.max(from, p.at);
+    const hi = Math.min(from + count, p.at + p.bytes.length);
+    if (lo < hi) p.bytes.copy(out, lo - from, lo - p.at, hi - p.at);
+  }
+  return out;
+}
+
+/** A Canvas over a scratch that records every write as a patch. */
+class PatchCanvas implements Canvas {
+  readonly added: ImageInput['patches'] = [];
+  constructor(
+    private readonly _scratch: Scratch,
+    public length: number,
+  ) {}
+  get capacity(): number {
+    return this._scratch.bytes.length;
+  }
+  byteAt(at: number): number {
+    return this._scratch.bytes[at] as number;
+  }
+  write(at: number, bytes: Uint8Array): void {
+    const n = Math.min(bytes.length, this.capacity - at);
+    if (at < 0 || n <= 0) return;
+    const copy = Buffer.from(bytes.subarray(0, n));
+    copy.copy(this._scratch.bytes, at);
+    this.added.push({ at, bytes: copy });
+  }
+}
+
+/** One to four stacked mutations of `parent`: structure-aware 60% of the time, generic otherwise. */
+function mutateInput(
+  rng: Rng, seeds: readonly SeedImage[], scratches: readonly Scratch[], parent: ImageInput, other: () => ImageInput,
+): ImageInput {
+  const scratch = scratches[parent.base] as Scratch;
+  const seed = scratch.seed;
   const fields = fieldsOf(seed);
   const values = interestingValues(seed);
+  scratch.apply(parent.patches);
+  const canvas = new PatchCanvas(scratch, parent.length);
+  const spliceFrom = () => {
+    const o = other();
+    return { length: o.length, read: (from: number, count: number) => readInput(seeds, o, from, count) };
+  };
   const rounds = 1 + rng.int(4);
   for (let r = 0; r < rounds; r++) {
     const kind = rng.int(10);
     if (kind <= 3) {
       const [offset, width] = rng.pick(fields);
       const v = rng.pick(values);
-      writeField(buf, offset, width, rng.int(4) === 0 ? v + BigInt(rng.int(3) - 1) : v);
+      writeField(canvas, offset, width, rng.int(4) === 0 ? v + BigInt(rng.int(3) - 1) : v);
     } else if (kind === 4) {
       const [offset, width] = rng.pick(fields);
-      const bit = rng.int(width * 8);
-      const at = offset + width - 1 - (bit >> 3);
-      if (at < buf.length) buf[at] = (buf[at] as number) ^ (1 << (bit & 7));
+      const at = offset + width - 1 - rng.int(width);
+      canvas.write(at, Uint8Array.of(canvas.byteAt(at) ^ (1 << rng.int(8))));
     } else if (kind === 5) {
-      // A bit flip anywhere in the metadata-rich first clusters.
-      const at = rng.int(Math.min(buf.length, 4 * seed.clusterSize));
-      buf[at] = (buf[at] as number) ^ (1 << rng.int(8));
-    } else if (kind === 6) {
-      const at = rng.int(buf.length);
-      buf.fill(rng.pick([0x00, 0xff, 0x7f, 0x80]), at, Math.min(buf.length, at + 1 + rng.int(64)));
-    } else if (kind === 7) {
-      buf = buf.subarray(0, rng.int(buf.length + 1));
-    } else if (kind === 8 && others.length > 0) {
-      // Splice a run from another seed (different cluster size or version).
-      const other = rng.pick(others).bytes;
-      const from = rng.int(other.length);
-      const length = Math.min(1 + rng.int(4096), other.length - from);
-      const to = rng.int(Math.max(1, buf.length - length));
-      other.copy(buf, to, from, from + length);
-    } else {
       const [offset, width] = rng.pick(fields);
-      writeField(buf, offset, width, BigInt(rng.int(2 ** 31)) * BigInt(rng.pick([1, seed.clusterSize, 512])));
+      writeField(canvas, offset, width, BigInt(rng.int(2 ** 31)) * BigInt(rng.pick([1, seed.clusterSize, 512])));
+    } else {
+      // The metadata-rich first clusters get half the generic point mutations.
+      havoc(rng, canvas, 4 * seed.clusterSize, spliceFrom);
     }
   }
-  return Buffer.from(buf);
+  let patches = [...parent.patches, ...canvas.added];
+  if (patches.length > MAX_PATCHES) patches = scratch.diff();
+  scratch.undo(parent.patches);
+  scratch.undo(canvas.added);
+  const child: ImageInput = { ...parent, length: canvas.length, patches };
+  if (rng.int(8) === 0) child.tableCount = rng.pick(TABLE_COUNTS);
+  if (rng.int(8) === 0) child.tableAt = rng.int(4) === 0 ? -1 : rng.int(child.length);
+  return child;
+}
+
+function writeField(canvas: Canvas, offset: number, width: 2 | 4 | 8, value: bigint): void {
+  if (offset + width > canvas.length) return;
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt.asUintN(64, value));
+  canvas.write(offset, b.subarray(8 - width));
 }
 
 /** The MetaFile slice over bytes in memory: the whole open path with no disk and no locks. */
@@ -184,8 +269,8 @@ export function memoryFile(bytes: Buffer, onWrite: () => void): MetaFile {
   };
 }
 
-/** Runs `target` on `input`; resolves to undefined (fine) or a problem description. */
-async function exercise(target: TargetName, input: Buffer, rng: Rng): Promise<{ problem?: string; refusal?: string }> {
+/** Runs `target` on `input`: an Outcome the oracle has judged. */
+async function exercise(target: TargetName, input: Buffer, tableCount: number, tableAt: number): Promise<Outcome> {
   let wrote = false;
   try {
     if (target === 'header') {
@@ -194,9 +279,10 @@ async function exercise(target: TargetName, input: Buffer, rng: Rng): Promise<{ 
       const header = decodeHeader(input.subarray(0, Math.min(2 ** bits, input.length)));
       validateHeader(header, input.length);
     } else if (target === 'snapshot-table') {
-      const count = rng.pick([0, 1, 2, 3, 65536, 0xffffffff]);
-      const offset = rng.int(4) === 0 ? rng.int(input.length) : Number(input.readBigUInt64BE(H.snapshotsOffset) % BigInt(input.length || 1));
-      decodeSnapshotTable(input.subarray(offset), count, 64 << 20);
+      // The harness's own read of snapshots_offset must not throw on an image cut shorter than the header.
+      const field = input.length >= H.snapshotsOffset + 8 ? input.readBigUInt64BE(H.snapshotsOffset) : 0n;
+      const offset = tableAt >= 0 ? Math.min(tableAt, input.length) : Number(field % BigInt(input.length || 1));
+      decodeSnapshotTable(input.subarray(offset), tableCount, 64 << 20);
     } else {
       await loadImageState(memoryFile(input, () => (wrote = true)));
     }
@@ -212,20 +298,25 @@ async function exercise(target: TargetName, input: Buffer, rng: Rng): Promise<{ 
   }
 }
 
+
 /**
- * Fuzzes `target` for `seconds`, deterministically from `seed`. Buffer.alloc
- * is watched for the duration: any request above MAX_ALLOC_BYTES is a finding
- * (an allocation sized by an unchecked field), and it is refused so the run
- * survives it.
+ * Fuzzes `target` for `seconds`, deterministically from `seed` (given the
+ * same corpus and timing of batches), starting from the seeds plus `corpus`.
+ * Buffer.alloc is watched for the duration: any request above
+ * MAX_ALLOC_BYTES is a finding (an allocation sized by an unchecked field),
+ * and it is refused so the run survives it.
  */
 export async function fuzz(
   target: TargetName,
   seeds: readonly SeedImage[],
-  options: { seconds: number; seed: number; findingsDir: string },
+  options: { seconds: number; seed: number; findingsDir: string; guided?: boolean; corpus?: readonly ImageInput[] },
 ): Promise<FuzzStats> {
-  const rng = new Rng(options.seed);
-  const stats: FuzzStats = { target, executions: 0, accepted: 0, refused: 0, distinctRefusals: 0, findings: [] };
-  const refusals = new Set<string>();
+  const scratches = seeds.map((s) => new Scratch(s));
+  const findingList: Finding[] = [];
+  // A map per run: the targets share the inspector session, not what counts as new.
+  const coverage = options.guided === false ? undefined : new BlockCoverage(isTargetScript);
+  const initial: ImageInput[] = seeds.map((s, base) => ({ base, length: s.bytes.length, patches: [], tableCount: 1, tableAt: -1 }));
+  initial.push(...(options.corpus ?? []));
   const realAlloc = Buffer.alloc;
   let oversized: number | undefined;
   Buffer.alloc = ((size: number, ...rest: unknown[]) => {
@@ -235,34 +326,43 @@ export async function fuzz(
     }
     return (realAlloc as (...a: unknown[]) => Buffer)(size, ...rest);
   }) as typeof Buffer.alloc;
-  const deadline = performance.now() + options.seconds * 1000;
-  try {
-    while (performance.now() < deadline) {
-      const seed = rng.pick(seeds);
-      const input = mutate(rng, seed, seeds);
-      oversized = undefined;
-      const t0 = performance.now();
-      const result = await exercise(target, input, rng);
+  const execute = async (input: ImageInput): Promise<Outcome> => {
+    const scratch = scratches[input.base] as Scratch;
+    scratch.apply(input.patches);
+    oversized = undefined;
+    const t0 = performance.now();
+    try {
+      const outcome = await exercise(target, scratch.bytes.subarray(0, input.length), input.tableCount, input.tableAt);
       const ms = performance.now() - t0;
-      stats.executions++;
-      let problem = result.problem;
-      if (oversized !== undefined) problem = `allocation of ${oversized} bytes requested from input`;
-      else if (ms > SLOW_INPUT_MS) problem = `one input took ${ms.toFixed(0)} ms`;
-      if (problem !== undefined) {
-        const file = join(options.findingsDir, `${target}-${options.seed}-${stats.executions}.qcow2`);
-        writeFileSync(file, input);
-        stats.findings.push({ target, seed: seed.label, iteration: stats.executions, problem, file });
-        if (stats.findings.length >= 20) break; // enough to act on
-      } else if (result.refusal !== undefined) {
-        stats.refused++;
-        refusals.add(result.refusal);
-      } else {
-        stats.accepted++;
-      }
+      if (oversized !== undefined) return { problem: `allocation of ${oversized} bytes requested from input` };
+      if (ms > SLOW_INPUT_MS) return { problem: `one input took ${ms.toFixed(0)} ms` };
+      return outcome;
+    } finally {
+      scratch.undo(input.patches);
     }
+  };
+  try {
+    const stats = await runLoop<ImageInput>({
+      seconds: options.seconds,
+      seed: options.seed,
+      coverage,
+      initial,
+      mutate: (rng, parent, other) => mutateInput(rng, seeds, scratches, parent, other),
+      execute,
+      onFinding: (input, problem, iteration) => {
+        const file = join(options.findingsDir, `${target}-${options.seed}-${iteration}.qcow2`);
+        writeFileSync(file, materialize(seeds, input));
+        findingList.push({ target, seed: (seeds[input.base] as SeedImage).label, iteration, problem, file });
+        return findingList.length < 20; // enough to act on
+      },
+    });
+    return { ...stats, target, findingList };
   } finally {
     Buffer.alloc = realAlloc;
   }
-  stats.distinctRefusals = refusals.size;
-  return stats;
+}
+
+/** The whole image an input stands for, e.g. to save a finding. */
+export function materialize(seeds: readonly SeedImage[], input: ImageInput): Buffer {
+  return readInput(seeds, input, 0, input.length);
 }
