@@ -31,5 +31,6 @@ import g from './g-device.js';
 import g1 from './g1-device-qd1.js';
 import q, { qcow2Preallocated as qp } from './q-qcow2-save.js';
 import r, { rawPreallocated as rp } from './r-raw-prealloc.js';
+import x from './x-vmstate-export.js';
 
-export const CASES = [a, b, c, d, e, f, f2, r, rp, q, qp, g1, g];
+export const CASES = [a, b, c, d, e, f, f2, r, rp, q, qp, x, g1, g];

@@ -5,7 +5,6 @@
  *
  * Operations are serialised: one runs at a time, in call order.
  */
-import type { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
@@ -27,7 +26,12 @@ import {
   snapshotTableBytesWithNew,
   type SnapshotEntry,
 } from './snapshot-table.js';
-import { createVmStateReadStream } from './vmstate-reader.js';
+import {
+  createVmStateReadStream,
+  validateVmStateReadOptions,
+  type VmStateReadOptions,
+  type VmStateReadStream,
+} from './vmstate-reader.js';
 
 export type { CheckResult } from './check.js';
 export type { SaveMetadata, SaveReservation } from './image-save.js';
@@ -163,11 +167,12 @@ export class Image {
    * The stream reads lazily: do not delete that snapshot or close the image
    * before it ends.
    */
-  createVmStateReadStream(idOrName: string, options: { chunkBytes?: number } = {}): Readable {
+  createVmStateReadStream(idOrName: string, options: VmStateReadOptions = {}): VmStateReadStream {
+    const resolved = validateVmStateReadOptions(options);
     this.assertOpen();
     const entry = this._state.snapshots[findSnapshot(this._state.snapshots, idOrName)];
     if (entry === undefined) throw notFound(idOrName);
-    return createVmStateReadStream(this._state, entry, options.chunkBytes);
+    return createVmStateReadStream(this._state, entry, resolved);
   }
 
   async deleteSnapshot(idOrName: string): Promise<SnapshotInfo> {
