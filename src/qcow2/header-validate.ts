@@ -142,8 +142,9 @@ function validateExtensions(header: Qcow2Header): void {
   }
 }
 
-function headerRanges(header: Qcow2Header, layout: Layout): MetadataRange[] {
-  const ranges: MetadataRange[] = [
+/** The header cluster, the active L1 and the refcount table: what every image has. */
+export function fixedMetadataRanges(header: Qcow2Header, layout: Layout): MetadataRange[] {
+  return [
     { what: 'header', offset: 0, length: layout.clusterSize },
     { what: 'active L1 table', offset: header.l1TableOffset, length: header.l1Size * 8 },
     {
@@ -152,6 +153,10 @@ function headerRanges(header: Qcow2Header, layout: Layout): MetadataRange[] {
       length: header.refcountTableClusters * layout.clusterSize,
     },
   ];
+}
+
+function headerRanges(header: Qcow2Header, layout: Layout): MetadataRange[] {
+  const ranges = fixedMetadataRanges(header, layout);
   if (header.nbSnapshots > 0) ranges.push({ what: 'snapshot table', offset: header.snapshotsOffset, length: 1 });
   return ranges;
 }

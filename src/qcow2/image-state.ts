@@ -5,7 +5,7 @@
 import { corrupt } from './fail.js';
 import { readExact, type MetaFile } from './file.js';
 import { decodeHeader, HEADER_PROBE_BYTES, probeClusterBits, type Qcow2Header } from './header.js';
-import { assertNoOverlap, validateHeader, type MetadataRange } from './header-validate.js';
+import { assertNoOverlap, fixedMetadataRanges, validateHeader, type MetadataRange } from './header-validate.js';
 import type { Layout } from './layout.js';
 import { L1Table, L2Table } from './cluster-map.js';
 import { readPadded } from './refcount.js';
@@ -46,13 +46,7 @@ export async function loadImageState(file: MetaFile): Promise<ImageState> {
   const { entries, tableBytes } = await readSnapshotTable(file, header, fileSizeBytes);
   entries.forEach((entry, i) => validateSnapshotEntry(entry, i, layout, fileSizeBytes));
   const ranges: MetadataRange[] = [
-    { what: 'header', offset: 0, length: layout.clusterSize },
-    { what: 'active L1 table', offset: header.l1TableOffset, length: header.l1Size * 8 },
-    {
-      what: 'refcount table',
-      offset: header.refcountTableOffset,
-      length: header.refcountTableClusters * layout.clusterSize,
-    },
+    ...fixedMetadataRanges(header, layout),
     { what: 'snapshot table', offset: header.snapshotsOffset, length: tableBytes },
   ];
   assertNoOverlap(ranges, layout);
