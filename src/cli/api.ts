@@ -13,8 +13,3 @@ export type {
   Preallocation,
   CreateImageOptions,
 } from '../index.js';
-
-/** The qcow2 layer is always present; kept for the demo's mode line. */
-export function hasQcow2(): boolean {
-  return true;
-}

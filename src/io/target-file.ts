@@ -161,11 +161,6 @@ export class TargetFile {
     return this._closed;
   }
 
-  /** Operations submitted and not yet completed. */
-  get pending(): number {
-    return this._closed ? 0 : this._native.pending();
-  }
-
   /** A zeroed buffer aligned for this file's direct I/O. */
   allocBuffer(length: number): Uint8Array {
     return allocAligned(length, Math.max(this.memoryAlignment, this.alignment, 1));
@@ -175,14 +170,6 @@ export class TargetFile {
   async write(buffer: Uint8Array, position: number): Promise<void> {
     this.assertOpen();
     await call(this, 'pwrite', position, (cb) => this._native.write(buffer, position, cb));
-  }
-
-  /**
-   * The stream's submission path: completion through a caller-owned callback,
-   * so that no promise is made per buffer.
-   */
-  writeRaw(buffer: Uint8Array, position: number, cb: Completion): void {
-    this._native.write(buffer, position, cb);
   }
 
   async writev(buffers: Uint8Array[], position: number): Promise<void> {
@@ -195,20 +182,6 @@ export class TargetFile {
     this.assertOpen();
     const { bytes } = await call(this, 'pread', position, (cb) => this._native.read(buffer, position, cb));
     return bytes;
-  }
-
-  /** Reads exactly `length` bytes at `position` (non-direct files), or fails as corrupt input. */
-  async readExact(position: number, length: number): Promise<Buffer> {
-    const buf = Buffer.alloc(length);
-    const n = await this.read(buf, position);
-    if (n !== length) {
-      throw new SnapshotError(ErrorCode.EIO, `short read of '${this.path}': ${n} of ${length} bytes at offset ${position}`, {
-        syscall: 'pread',
-        path: this.path,
-        offset: position,
-      });
-    }
-    return buf;
   }
 
   async datasync(): Promise<void> {

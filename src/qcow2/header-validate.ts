@@ -10,6 +10,7 @@ import {
   CompressionType,
   HeaderExtensionType,
   IncompatibleFeature,
+  KNOWN_INCOMPATIBLE,
   layoutOf,
   type Qcow2Header,
 } from './header.js';
@@ -48,7 +49,7 @@ export function validateHeader(header: Qcow2Header, fileSizeBytes: number): Head
 
 function validateFeatures(header: Qcow2Header): void {
   const incompatible = header.incompatibleFeatures;
-  const unknown = incompatible & ~0x1fn;
+  const unknown = incompatible & ~KNOWN_INCOMPATIBLE;
   if (unknown !== 0n) throw unsupported(`unknown incompatible feature bits 0x${unknown.toString(16)}`, { offset: 72 });
   if (incompatible & IncompatibleFeature.CORRUPT) {
     throw corrupt('the corrupt bit is set (QEMU found an inconsistency); repair it with `qemu-img check -r all`', {

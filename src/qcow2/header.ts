@@ -29,7 +29,8 @@ export const IncompatibleFeature = {
   COMPRESSION_TYPE: 1n << 3n,
   EXTENDED_L2: 1n << 4n,
 } as const;
-const KNOWN_INCOMPATIBLE = 0x1fn;
+/** Every incompatible bit qcow2.txt defines (bits 0-4); any other one is refused. */
+export const KNOWN_INCOMPATIBLE = 0x1fn;
 
 export const CompatibleFeature = { LAZY_REFCOUNTS: 1n << 0n } as const;
 export const AutoclearFeature = { BITMAPS: 1n << 0n, RAW_EXTERNAL_DATA: 1n << 1n } as const;
