@@ -33,8 +33,13 @@ const BUFFER_BYTES = 4 * MiB;
 const IN_FLIGHT_PER_WRITER = 2;
 /** A probe every 25 ms gives dozens of samples over a batch of a few seconds. */
 const PROBE_INTERVAL_MS = 25;
-/** No probe may wait longer than this; an idle pool answers a 4 KiB readFile in < 1 ms. */
-const MAX_PROBE_LATENCY_MS = 250;
+/**
+ * No probe may wait longer than this; an idle pool answers a 4 KiB readFile in
+ * < 1 ms. The file runs in the serial project (vitest.config.ts), but the
+ * machine may still be shared: 1 s is 4000x the idle figure and still far
+ * below a starved pool's wait behind 8 x 2 queued 4 MiB writes per step.
+ */
+const MAX_PROBE_LATENCY_MS = 1000;
 /**
  * The median separates the two designs. Measured here: native 0.2-0.3 ms;
  * the libuv-pool control 100-130 ms (each of readFile's 4 pool steps waits
@@ -270,6 +275,8 @@ describe('the event loop under a synchronous producer', () => {
       `[concurrency] largest timer gap: snapstream ${ours.gapMs.toFixed(0)} ms of a ${ours.batchMs.toFixed(0)} ms batch; ` +
         `null Writable ${control.gapMs.toFixed(0)} ms of ${control.batchMs.toFixed(0)} ms`,
     );
-    expect(ours.gapMs).toBeLessThanOrEqual(control.gapMs * 1.25 + 50);
+    // Margin: 1.5x the control plus 100 ms, for a shared machine's scheduling noise
+    // (the serial project keeps other test files away, not other processes).
+    expect(ours.gapMs).toBeLessThanOrEqual(control.gapMs * 1.5 + 100);
   });
 });
