@@ -6,7 +6,8 @@
 #   CXXABI_1.3.13, i.e. what Debian 12 (glibc 2.36, GCC 12's libstdc++) has;
 # - the libraries it links: libc, libm, libstdc++ and libgcc_s only;
 # - stripped, with the Node-API entry point napi_register_module_v1;
-# - on a matching machine: Node loads it and it has the functions the library calls.
+# - on a matching machine: Node loads it, it has the functions the library
+#   calls, and a C++ exception thrown in it arrives as a JS TypeError.
 #
 # Usage: scripts/check-prebuilds.sh PREBUILDS_DIR
 set -euo pipefail
@@ -60,6 +61,11 @@ for file in "$dir"/*/*.node; do
       if (typeof m.exports.NativeFile !== "function" || typeof m.exports.alignmentSkip !== "function") {
         throw new Error("NativeFile/alignmentSkip missing: " + Object.keys(m.exports));
       }
+      // A C++ exception thrown in the addon must arrive as a JS exception.
+      let caught;
+      try { m.exports.alignmentSkip(); } catch (err) { caught = err; }
+      if (!(caught instanceof TypeError)) throw new Error("alignmentSkip() did not throw a TypeError: " + caught);
+      if (m.exports.alignmentSkip(new ArrayBuffer(64), 1) !== 0) throw new Error("alignmentSkip(buffer, 1) is not 0");
     ' "$(cd "$(dirname "$file")" && pwd)/$(basename "$file")" || fail "$file does not load in node $(node --version)"
     loaded="loads in node $(node --version)"
   fi
