@@ -29,6 +29,7 @@ import { validateChoice, validateInteger, validateOptionsObject } from '../valid
 import type { L1Table, L2Table } from './cluster-map.js';
 import { corrupt, invariant, unsupported } from './fail.js';
 import { readL2, readSnapshotL1, type ImageState } from './image-state.js';
+import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
 /** Bytes per chunk pushed downstream: a 4 MiB read runs at device speed here (the writer's buffer size, same fio figure). */
@@ -117,6 +118,8 @@ async function planRuns(lookup: ClusterLookup, firstCluster: number, clusters: n
 type Callback = (error?: Error | null) => void;
 
 export class VmStateReadStream extends Readable {
+  /** The snapshot being read (as resolved from the name asked for). */
+  readonly snapshot: SnapshotInfo;
   private readonly _state: ImageState;
   private readonly _entry: SnapshotEntry;
   private readonly _opts: ResolvedVmStateReadOptions;
@@ -143,6 +146,7 @@ export class VmStateReadStream extends Readable {
     // buffers at most one, and that one counts against readAhead (_held).
     super({ highWaterMark: 1 });
     const { clusterSize } = state.layout;
+    this.snapshot = toSnapshotInfo(entry);
     this._state = state;
     this._entry = entry;
     this._opts = options;
@@ -292,10 +296,16 @@ export class VmStateReadStream extends Readable {
   }
 }
 
+/** A disk-only snapshot (vm_state_size 0, as QEMU reads it) has nothing to export: SNAPSHOT_DISK_ONLY. */
 export function createVmStateReadStream(
   state: ImageState,
   entry: SnapshotEntry,
   options: ResolvedVmStateReadOptions = validateVmStateReadOptions(undefined),
 ): VmStateReadStream {
+  if (entry.vmStateSize === 0) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot ${entry.id} '${entry.name}' is disk-only: it has no saved VM state`, {
+      path: state.file.path,
+    });
+  }
   return new VmStateReadStream(state, entry, options);
 }

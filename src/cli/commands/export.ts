@@ -30,7 +30,7 @@ export function registerExport(program: Command, ctx: CliContext): void {
     .command('export')
     .description("write a snapshot's saved vmstate to a file or stdout")
     .argument('<IMAGE>', 'qcow2 image')
-    .argument('<NAME>', 'snapshot name or id')
+    .argument('<NAME>', 'snapshot name (as loadvm takes it)')
     .argument('[FILE]', "destination; '-' or nothing is stdout", STDIO);
   addQuietFlag(cmd).addHelpText(
     'after',
@@ -45,10 +45,9 @@ Examples:
     const sink: Writable | undefined = toStdout ? stdoutSink() : undefined;
     const img = await openImage(image, { readOnly: true });
     try {
-      const entry = img.snapshots().find((s) => s.name === name) ?? img.snapshots().find((s) => String(s.id) === name);
-      const totalBytes = entry === undefined ? undefined : Number(entry.vmStateSize);
       const source = img.createVmStateReadStream(name);
-      const progress = createProgress({ label: `export ${name}`, totalBytes, quiet: flags.quiet });
+      const { id, name: resolved, vmStateSize: totalBytes } = source.snapshot;
+      const progress = createProgress({ label: `export ${id} '${resolved}'`, totalBytes, quiet: flags.quiet });
       const counter = new Counter(progress);
       try {
         await pipeline(source, counter, sink ?? createSnapshotStream(file, { expectedSize: totalBytes }));
