@@ -24,6 +24,12 @@ export const ErrorCode = {
   QCOW2_CORRUPT: 'QCOW2_CORRUPT',
   QCOW2_UNSUPPORTED: 'QCOW2_UNSUPPORTED',
   NOT_RAW: 'NOT_RAW',
+  /** A raw target is being written by another stream (its OFD lock is held). */
+  TARGET_LOCKED: 'TARGET_LOCKED',
+  /** The source of a save or write is the target itself. */
+  SAME_FILE: 'SAME_FILE',
+  /** The snapshot has no saved VM state (a disk-only snapshot), so there is nothing to export or load. */
+  SNAPSHOT_DISK_ONLY: 'SNAPSHOT_DISK_ONLY',
   SNAPSHOT_EXISTS: 'SNAPSHOT_EXISTS',
   SNAPSHOT_NOT_FOUND: 'SNAPSHOT_NOT_FOUND',
   SNAPSHOT_LIMIT: 'SNAPSHOT_LIMIT',
