@@ -12,7 +12,7 @@ import { createSnapshotStream, ErrorCode, openImage, SnapshotError, type Image, 
 import type { CliContext } from '../context.js';
 import { addQuietFlag } from '../options.js';
 import { createProgress } from '../progress.js';
-import { ByteCounter, copySequential, openSequential, targetKind } from '../sequential.js';
+import { ByteCounter, copySequential, targetKind } from '../sequential.js';
 import { formatBytes, formatRate } from '../size.js';
 import { STDIO } from '../stdio.js';
 
@@ -54,7 +54,7 @@ Examples:
       const totalBytes = entry === undefined ? undefined : Number(entry.vmStateSize);
       const source = img.createVmStateReadStream(name);
       const run = { interrupts: ctx.interrupts, source, label: `export ${name}`, quiet: flags.quiet, totalBytes };
-      bytes = kind === 'seekable' ? await exportToFile(run, file) : await copySequential(run, openSequential(file));
+      bytes = kind === 'seekable' ? await exportToFile(run, file) : await copySequential(run, file);
     } finally {
       await img.close();
     }

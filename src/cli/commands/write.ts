@@ -11,7 +11,7 @@ import type { CliContext } from '../context.js';
 import { UsageError } from '../errors.js';
 import { addQuietFlag, addStreamFlags, sizeArg, type StreamFlags, toStreamOptions } from '../options.js';
 import { runStream } from '../run-stream.js';
-import { copySequential, openSequential, targetKind } from '../sequential.js';
+import { copySequential, targetKind } from '../sequential.js';
 import { formatBytes, formatRate } from '../size.js';
 import { openSource, refuseSameFile, STDIO } from '../stdio.js';
 
@@ -59,7 +59,7 @@ Examples:
     } else {
       refuseSeekOptions(flags);
       const run = { interrupts: ctx.interrupts, source: source.stream, label: 'write', quiet: flags.quiet, totalBytes: options.expectedSize };
-      bytes = await copySequential(run, openSequential(file));
+      bytes = await copySequential(run, file);
       mode = 'sequential';
     }
     const seconds = Number(process.hrtime.bigint() - started) / 1e9;
