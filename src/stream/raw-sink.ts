@@ -20,11 +20,20 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { alignDown } from '../io/alignment.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
-import type { ResolvedStreamOptions } from '../options.js';
+import { QCOW_MAGIC } from '../qcow2-magic.js';
+import type { StreamConfig } from './options.js';
 import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from './sink.js';
 
-/** qcow2 magic 'QFI\xfb' (qcow2.txt, "Header"). */
-const QCOW2_MAGIC = 0x514649fb;
+/** What a raw target needs beyond the stream's own options. */
+export interface RawTargetConfig extends StreamConfig {
+  /** Aligned file offset of logical byte 0. */
+  readonly offset: number;
+  /** Permission bits for a file this stream creates. */
+  readonly mode: number;
+  /** 'raw' allows writing over a file that looks like a qcow2 image. */
+  readonly format: 'raw' | 'qcow2' | undefined;
+}
+
 /**
  * QEMU's lock byte for "write not shared" (block/file-posix.c: 200 + BLK_PERM_WRITE).
  * Our exclusive lock on it makes QEMU's write-permission check fail, and any
@@ -108,18 +117,18 @@ async function refuseSequential(path: string): Promise<void> {
 }
 
 /** Opens the target, creating it (mode 0600 by default) when missing; `created` only when this call made it. */
-async function openOnce(path: string, opts: ResolvedStreamOptions): Promise<Opened> {
+async function openOnce(path: string, opts: RawTargetConfig): Promise<Opened> {
   const base = { write: true, direct: opts.direct, mode: opts.mode, threads: STREAM_IO_THREADS };
   try {
     return { file: await TargetFile.open(path, { ...base, create: false }), created: false };
   } catch (err) {
-    if (!(err instanceof SnapshotError) || err.code !== 'ENOENT') throw err;
+    if (!(err instanceof SnapshotError) || err.code !== ErrorCode.ENOENT) throw err;
   }
   try {
     return { file: await TargetFile.open(path, { ...base, create: true, exclusive: true }), created: true };
   } catch (err) {
     // Another writer created it between our two opens: it is theirs, and the lock decides.
-    if (err instanceof SnapshotError && err.code === 'EEXIST') {
+    if (err instanceof SnapshotError && err.code === ErrorCode.EEXIST) {
       return { file: await TargetFile.open(path, { ...base, create: false }), created: false };
     }
     // Our exclusive create made the file and a later step failed (O_DIRECT
@@ -134,7 +143,7 @@ async function lockTarget(file: TargetFile): Promise<void> {
   try {
     await file.setLock(RAW_WRITE_LOCK_BYTE, 1, 'write');
   } catch (err) {
-    if (!(err instanceof SnapshotError) || err.code !== 'EAGAIN') throw err;
+    if (!(err instanceof SnapshotError) || err.code !== ErrorCode.EAGAIN) throw err;
     const holder = await file.getLock(RAW_WRITE_LOCK_BYTE, 1, 'write').catch(() => null);
     const who = holder === null || holder.pid <= 0 ? 'another process' : `process ${holder.pid}`;
     throw new SnapshotError(ErrorCode.TARGET_LOCKED, `'${file.path}' is being written by ${who} (snapstream or QEMU)`, {
@@ -152,7 +161,7 @@ async function stillAtPath(file: TargetFile): Promise<boolean> {
 }
 
 /** Opens and locks the target; a file we did not create is never unlinked on the way. */
-async function openLocked(path: string, opts: ResolvedStreamOptions): Promise<Opened> {
+async function openLocked(path: string, opts: RawTargetConfig): Promise<Opened> {
   await refuseSequential(path);
   for (let attempt = 1; ; attempt++) {
     const opened = await openOnce(path, opts);
@@ -176,7 +185,7 @@ async function refuseQcow2(file: TargetFile): Promise<void> {
   const probe = file.allocBuffer(Math.max(file.alignment, 4096));
   await file.read(probe, 0);
   const magic = (((probe[0] as number) << 24) | ((probe[1] as number) << 16) | ((probe[2] as number) << 8) | (probe[3] as number)) >>> 0;
-  if (magic === QCOW2_MAGIC) {
+  if (magic === QCOW_MAGIC) {
     throw new SnapshotError(
       ErrorCode.NOT_RAW,
       `'${file.path}' is a qcow2 image; save into it as a snapshot, or pass format 'raw' to overwrite it`,
@@ -185,7 +194,7 @@ async function refuseQcow2(file: TargetFile): Promise<void> {
   }
 }
 
-export function rawSinkFactory(path: string, opts: ResolvedStreamOptions): SinkFactory {
+export function rawSinkFactory(path: string, opts: RawTargetConfig): SinkFactory {
   return async () => {
     const { file, created } = await openLocked(path, opts);
     try {
