@@ -45,7 +45,6 @@ export type Completion<T = unknown> = (errno: number, bytes: number, syscall: st
 export interface NativeFileHandle {
   open(path: string, flags: OpenFlags, cb: Completion<OpenFacts>): void;
   write(buffer: Uint8Array, position: number, cb: Completion): void;
-  writev(buffers: Uint8Array[], position: number, cb: Completion): void;
   read(buffer: Uint8Array, position: number, cb: Completion): void;
   datasync(cb: Completion): void;
   truncate(length: number, cb: Completion): void;
