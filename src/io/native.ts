@@ -55,6 +55,8 @@ export interface NativeFileHandle {
   close(cb: Completion): void;
   dispose(): void;
   pending(): number;
+  /** At most `n` operations run at once (1..threads). */
+  setConcurrency(n: number): void;
 }
 
 interface Addon {
