@@ -2,7 +2,7 @@
  * snapstream's public API. Nothing else lives here.
  *
  * Layers, top to bottom (nothing calls upward):
- *   src/cli -> src/index.ts -> src/qcow2 -> src/stream -> src/io -> native
+ *   src/cli -> src/index.ts -> src/vm -> src/qcow2 -> src/stream -> src/io -> native
  */
 import { qcow2SinkFactory } from './qcow2/image.js';
 import { rawSinkFactory } from './stream/raw-sink.js';
@@ -16,6 +16,11 @@ export { SnapshotStream } from './stream/snapshot-stream.js';
 export { openImage, Image } from './qcow2/image.js';
 export type { OpenImageOptions, SnapshotInfo, CheckResult } from './qcow2/image.js';
 export { createImage } from './qcow2/create.js';
+export { connectVm, VmConnection } from './vm/connect.js';
+export type { ConnectVmOptions } from './vm/connect.js';
+export type { SaveVmOptions, SaveVmProgress, SaveVmResult, SaveVmDisk } from './vm/savevm.js';
+export type { LoadVmOptions, LoadVmProgress, LoadVmResult } from './vm/loadvm.js';
+export { QmpError } from './vm/qmp.js';
 export type { CreateImageOptions, Preallocation } from './qcow2/create.js';
 
 /**

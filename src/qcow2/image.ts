@@ -15,6 +15,7 @@ import { checkImage, type CheckResult } from './check.js';
 import { corrupt } from './fail.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
+import { revertToSnapshotAt } from './image-revert.js';
 import { SaveTransaction, snapshotExistsError, type SaveMetadata, type SaveReservation } from './image-save.js';
 import { loadImageState, type ImageState } from './image-state.js';
 import { acquireImageLocks, READER_LOCKS, releaseImageLocks, WRITER_LOCKS, type LockPlan } from './lock.js';
@@ -176,13 +177,30 @@ export class Image {
   }
 
   async deleteSnapshot(idOrName: string): Promise<SnapshotInfo> {
+    return this.changeSnapshot(idOrName, deleteSnapshotAt);
+  }
+
+  /**
+   * The disk back to snapshot `idOrName`, as `qemu-img snapshot -a` does:
+   * the active tables become the snapshot's, the snapshot stays. Crash-safe
+   * through the shadow commit.
+   */
+  async revertSnapshot(idOrName: string): Promise<SnapshotInfo> {
+    if (typeof idOrName !== 'string' || idOrName.length === 0) {
+      throw new TypeError(`Expected a snapshot id or name for idOrName, received ${String(idOrName)}`);
+    }
+    return this.changeSnapshot(idOrName, revertToSnapshotAt);
+  }
+
+  /** Runs a metadata change on one existing snapshot, serialised, after the consistency check. */
+  private changeSnapshot(idOrName: string, change: (state: ImageState, index: number) => Promise<SnapshotEntry>): Promise<SnapshotInfo> {
     return this.exclusive(async () => {
       this.assertWritable();
       const index = findSnapshot(this._state.snapshots, idOrName);
       if (index < 0) throw notFound(idOrName);
       await this.assertConsistent();
       try {
-        return toInfo(await deleteSnapshotAt(this._state, index));
+        return toInfo(await change(this._state, index));
       } catch (err) {
         this._stale = true;
         throw err;
@@ -199,7 +217,7 @@ export class Image {
    * the end of the file. Write the vmstate at `hostOffset`, fdatasync it,
    * then call commitSave() (or abortSave()).
    */
-  beginSave(name: string, options: { alignment?: number } = {}): Promise<SaveReservation> {
+  beginSave(name: string, options: { alignment?: number; hostOffset?: number } = {}): Promise<SaveReservation> {
     validateNewSnapshotName(name);
     const alignment = options.alignment ?? 1;
     if (!Number.isInteger(alignment) || alignment < 1 || alignment > 1 << 20 || (alignment & (alignment - 1)) !== 0) {
@@ -217,7 +235,7 @@ export class Image {
         throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the snapshot table would exceed QEMU's limit of ${QCOW_MAX_SNAPSHOTS_SIZE_BYTES} bytes`);
       }
       await this.assertConsistent();
-      this._save = await SaveTransaction.begin(this._state, name, alignment);
+      this._save = await SaveTransaction.begin(this._state, name, alignment, options.hostOffset);
       return { hostOffset: this._save.hostOffset, maxLength: this._save.maxLength };
     });
   }
