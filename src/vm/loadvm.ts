@@ -83,7 +83,8 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
   const snapshot = await revertAll(info.disks, vmDisk, name, options.signal);
   options.onProgress?.({ phase: 'revert', bytes: 0, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
   const { savedRunState, streamMs } = await feedIncoming(monitor, vmDisk, snapshot, options, started);
-  const resume = options.resume ?? savedRunState !== 'paused';
+  // QEMU's own rule for -incoming (process_incoming_migration_bh): start when the stream says running or says nothing.
+  const resume = options.resume ?? (savedRunState === undefined || savedRunState === 'running');
   const { status } = await monitor.client.execute<{ status: string }>('query-status');
   if (resume && status !== 'running') await monitor.client.execute('cont');
   if (!resume && status === 'running') await monitor.client.execute('stop');

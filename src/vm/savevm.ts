@@ -198,7 +198,7 @@ async function commitAll(run: Run, vmStateBytes: number, vmClockNs: bigint): Pro
       await entry.image.commitSave({ vmStateSize, date, vmClockNs });
       done.push(entry);
     }
-    return images.map(({ disk }) => ({ device: disk.device, path: disk.path, vmStateBytes: disk === run.vmDisk ? vmStateBytes : 0 }));
+    return run.disks.map((disk) => ({ device: disk.device, path: disk.path, vmStateBytes: disk === run.vmDisk ? vmStateBytes : 0 }));
   } catch (err) {
     for (const { image } of done) await image.deleteSnapshot(run.name).catch(() => undefined);
     throw err;
