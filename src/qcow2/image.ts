@@ -185,7 +185,7 @@ export class Image {
    * the active tables become the snapshot's, the snapshot stays. Crash-safe
    * through the shadow commit.
    */
-  async revertSnapshot(idOrName: string): Promise<SnapshotInfo> {
+  revertSnapshot(idOrName: string): Promise<SnapshotInfo> {
     if (typeof idOrName !== 'string' || idOrName.length === 0) {
       throw new TypeError(`Expected a snapshot id or name for idOrName, received ${String(idOrName)}`);
     }
