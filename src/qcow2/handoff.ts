@@ -60,7 +60,12 @@ export class HandoffSave {
     this._data = data;
   }
 
-  /** Plans the vmstate placement without locks (QEMU holds them) and opens the data descriptor. */
+  /**
+   * Plans the vmstate placement without locks (QEMU holds them) and opens
+   * the data descriptor. Call with the VM stopped: QEMU has flushed its
+   * metadata caches then. The vmstate goes past both the allocated end and
+   * the end of the file (QEMU writes data before its refcounts reach the disk).
+   */
   static async begin(path: string, name: string, options: HandoffOptions): Promise<HandoffSave> {
     const { end, maxLength, clusterSize } = await inspectUnlocked(path, name);
     const data = await TargetFile.open(path, { write: true, create: false, direct: options.direct, threads: STREAM_IO_THREADS });
@@ -120,6 +125,18 @@ export class HandoffSave {
     } finally {
       await file.close();
     }
+  }
+
+  /**
+   * After a failure, before QEMU runs again: truncates the file back to
+   * hostOffset (when it grew past it), giving back the space of the vmstate
+   * written. Everything from hostOffset on is ours; QEMU, stopped, did not
+   * write past the margin.
+   */
+  async discard(): Promise<void> {
+    const size = (await this._data.stat()).size;
+    if (size <= this.hostOffset) return;
+    await this._data.truncate(this.hostOffset);
   }
 
   /** Closes the data descriptor. The clusters written stay unreferenced past the end; the next save reuses them. */

@@ -2,9 +2,11 @@
  * vm.savevm(): QEMU's savevm at the speed QEMU produces the migration
  * stream. The hand-off (DESIGN.md "Checkpoint and restore of a running QEMU"):
  *
- *   1. inspect and refuse (inspect.ts), and plan the vmstate placement
- *      without locks (qcow2/handoff.ts), all before the VM is stopped;
- *   2. `stop`, lift max-bandwidth, `migrate` to our unix socket;
+ *   1. inspect and refuse (inspect.ts, qcow2/handoff.ts), all before the VM
+ *      is stopped;
+ *   2. `stop` (QEMU drains and flushes its metadata caches), plan the
+ *      vmstate placement from the image as it now is on disk, without locks;
+ *      lift max-bandwidth, `migrate` to our unix socket;
  *   3. the stream goes through a SnapshotStream into the image QEMU has open,
  *      past its end plus a margin; no metadata is written;
  *   4. stream ended and QEMU says `completed` (it has inactivated its images
@@ -73,7 +75,7 @@ interface Run {
   disks: VmDisk[];
   vmDisk: VmDisk;
   wasRunning: boolean;
-  handoff: HandoffSave;
+  handoff: HandoffSave | undefined;
   startedMs: number;
 }
 
@@ -86,14 +88,13 @@ export async function saveVm(monitor: Monitor, name: string, options: SaveVmOpti
   const info = await inspectVm(qmp);
   await assertSaveable(qmp, info);
   const vmDisk = pickVmStateDisk(info.disks, options.vmstateDisk);
-  for (const disk of info.disks) if (disk !== vmDisk) await assertSnapshotable(disk.path, name);
+  for (const disk of info.disks) await assertSnapshotable(disk.path, name);
   if (options.signal?.aborted === true) throw abortedError();
-  const handoff = await HandoffSave.begin(vmDisk.path, name, { direct: 'auto' });
-  const run: Run = { monitor, name, options, disks: info.disks, vmDisk, wasRunning: info.status === 'running', handoff, startedMs: 0 };
+  const run: Run = { monitor, name, options, disks: info.disks, vmDisk, wasRunning: info.status === 'running', handoff: undefined, startedMs: 0 };
   try {
     return await handOff(run);
   } finally {
-    await handoff.close().catch(() => undefined);
+    await run.handoff?.close().catch(() => undefined);
   }
 }
 
@@ -105,6 +106,7 @@ async function handOff(run: Run): Promise<SaveVmResult> {
   let committed = false;
   try {
     if (run.wasRunning) await qmp.execute('stop');
+    run.handoff = await HandoffSave.begin(run.vmDisk.path, run.name, { direct: 'auto' });
     await qmp.execute('migrate-set-parameters', { 'max-bandwidth': UNLIMITED_BANDWIDTH_BYTES_PER_S });
     await qmp.execute('migrate', { uri: listener.uri });
     const vmStateBytes = await receiveStream(run, listener);
@@ -137,7 +139,7 @@ async function handOff(run: Run): Promise<SaveVmResult> {
 /** Pipes QEMU's connection into the image; resolves with the vmstate length once it is durable. */
 async function receiveStream(run: Run, listener: MigrationListener): Promise<number> {
   const socket = await listener.accept();
-  const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => run.handoff.sink());
+  const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => handoffOf(run).sink());
   stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
   let seen = -1;
   const stall = setInterval(() => {
@@ -165,7 +167,7 @@ async function receiveStream(run: Run, listener: MigrationListener): Promise<num
  */
 async function readTail(run: Run, vmStateBytes: number): Promise<bigint> {
   let vmClockNs = 0n;
-  await run.handoff.editTail(vmStateBytes, GLOBAL_STATE_SEARCH_BYTES, (tail) => {
+  await handoffOf(run).editTail(vmStateBytes, GLOBAL_STATE_SEARCH_BYTES, (tail) => {
     vmClockNs = findVmClockNs(tail) ?? 0n;
     const field = findGlobalState(tail);
     if (!run.wasRunning || field === undefined || field.runState !== 'paused') return false;
@@ -191,7 +193,7 @@ async function commitAll(run: Run, vmStateBytes: number, vmClockNs: bigint): Pro
       images.push({ disk, image });
       await image.beginSave(run.name);
     }
-    images.push({ disk: run.vmDisk, image: await run.handoff.openForCommit() });
+    images.push({ disk: run.vmDisk, image: await handoffOf(run).openForCommit() });
     const date = new Date();
     for (const entry of images) {
       const vmStateSize = entry.disk === run.vmDisk ? vmStateBytes : 0;
@@ -213,12 +215,21 @@ async function finish(run: Run, listener: MigrationListener, oldBandwidth: numbe
   await listener.close().catch(() => undefined);
   let qmp = run.monitor.client;
   if (qmp.closed) qmp = await run.monitor.revive();
-  if (failed) await cancelMigration(qmp);
+  if (failed) {
+    await cancelMigration(qmp);
+    // Before QEMU runs again: give back the space of the vmstate written (QEMU never writes past the margin).
+    await run.handoff?.discard().catch(() => undefined);
+  }
   if (run.wasRunning) {
     const { status } = await qmp.execute<{ status: string }>('query-status');
     if (status !== 'running') await qmp.execute('cont');
   }
   if (oldBandwidth !== undefined) await qmp.execute('migrate-set-parameters', { 'max-bandwidth': oldBandwidth }).catch(() => undefined);
+}
+
+function handoffOf(run: Run): HandoffSave {
+  if (run.handoff === undefined) throw new SnapshotError(ErrorCode.INTERNAL, 'the hand-off was not planned');
+  return run.handoff;
 }
 
 function progress(run: Run, phase: SaveVmProgress['phase'], bytes: number): void {
