@@ -24,9 +24,8 @@ import { QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
 import { Image, openImage } from './image.js';
 import { readExact } from './file.js';
 import { loadImageState } from './image-state.js';
-import { snapshotExistsError } from './image-save.js';
+import { refuseNewSnapshot } from './image-save.js';
 import { RefcountStore } from './refcount.js';
-import { QCOW_MAX_SNAPSHOTS } from './snapshot-table.js';
 
 /**
  * Room left between the end of the image and the vmstate. QEMU allocates
@@ -97,7 +96,7 @@ export class HandoffSave {
   async openForCommit(): Promise<Image> {
     const image = await openImage(this.path);
     try {
-      await image.beginSave(this.name, { alignment: this._data.alignment, hostOffset: this.hostOffset });
+      await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.hostOffset });
       return image;
     } catch (err) {
       await image.close().catch(() => undefined);
@@ -163,10 +162,7 @@ async function inspectUnlocked(path: string, name: string): Promise<{ end: numbe
         { path },
       );
     }
-    if (state.snapshots.some((s) => s.name === name || s.id === name)) throw snapshotExistsError(name);
-    if (state.snapshots.length >= QCOW_MAX_SNAPSHOTS) {
-      throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `'${path}' already has ${QCOW_MAX_SNAPSHOTS} snapshots`, { path });
-    }
+    refuseNewSnapshot(state.snapshots, name);
     const rc = await RefcountStore.load(meta, layout, header.refcountTableOffset, header.refcountTableClusters, state.fileSizeBytes);
     const end = Math.max(await rc.allocationEnd(), layout.alignUp(state.fileSizeBytes));
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - layout.vmStateL1Index(header.size);

@@ -16,21 +16,15 @@
 import { readSnapshotL1, type ImageState } from './image-state.js';
 import { invariant } from './fail.js';
 import { forEachReachedTable } from './reach.js';
-import { EndAllocator, RefcountStore } from './refcount.js';
+import { EndAllocator, type RefcountStore } from './refcount.js';
 import { commitShadow, shadowActiveTables, type FreshWrite } from './shadow-commit.js';
 import { asWritten, encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 
-export async function deleteSnapshotAt(state: ImageState, index: number): Promise<SnapshotEntry> {
+/** `rc`: the image's refcounts as committed, loaded for this delete and changed only by it. */
+export async function deleteSnapshotAt(state: ImageState, rc: RefcountStore, index: number): Promise<SnapshotEntry> {
   const { layout, header, file } = state;
   const victim = state.snapshots[index];
   invariant(victim !== undefined, 'snapshot index in range');
-  const rc = await RefcountStore.load(
-    file,
-    layout,
-    header.refcountTableOffset,
-    header.refcountTableClusters,
-    state.fileSizeBytes,
-  );
   const alloc = new EndAllocator(await rc.allocationEnd(), layout);
   await dropSnapshotReferences(state, rc, victim);
   const remaining = state.snapshots.filter((_, i) => i !== index);

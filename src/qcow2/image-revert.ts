@@ -19,11 +19,12 @@ import { unsupported, invariant } from './fail.js';
 import { readSnapshotL1, type ImageState } from './image-state.js';
 import { L1Table } from './cluster-map.js';
 import { forEachReachedTable } from './reach.js';
-import { EndAllocator, RefcountStore } from './refcount.js';
+import { EndAllocator, type RefcountStore } from './refcount.js';
 import { commitShadow, shadowL2Tables, type FreshWrite } from './shadow-commit.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
-export async function revertToSnapshotAt(state: ImageState, index: number): Promise<SnapshotEntry> {
+/** `rc`: the image's refcounts as committed, loaded for this revert and changed only by it. */
+export async function revertToSnapshotAt(state: ImageState, rc: RefcountStore, index: number): Promise<SnapshotEntry> {
   const { layout, header, file, l1 } = state;
   const target = state.snapshots[index];
   invariant(target !== undefined, 'snapshot index in range');
@@ -33,7 +34,6 @@ export async function revertToSnapshotAt(state: ImageState, index: number): Prom
         'resize the disk back first (qemu-img resize)',
     );
   }
-  const rc = await RefcountStore.load(file, layout, header.refcountTableOffset, header.refcountTableClusters, state.fileSizeBytes);
   const alloc = new EndAllocator(await rc.allocationEnd(), layout);
   const snapshotL1 = await readSnapshotL1(state, target);
   await addReferences(state, rc, snapshotL1, +1);

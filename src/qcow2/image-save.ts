@@ -34,26 +34,27 @@ import type { Layout } from './layout.js';
 import { forEachReachedTable } from './reach.js';
 import { EndAllocator, RefcountStore } from './refcount.js';
 import { commitShadow, shadowActiveTables, type ActiveShadow, type FreshWrite, type MetadataPointers } from './shadow-commit.js';
+import { saveReservationBytes } from './save-preallocate.js';
 import {
   asWritten,
   encodeSnapshotTable,
   ICOUNT_DISABLED,
-  KNOWN_EXTRA_DATA_BYTES,
-  MAX_SNAPSHOT_NAME_BYTES,
   nextSnapshotId,
-  SNAPSHOT_HEADER_BYTES,
+  QCOW_MAX_SNAPSHOTS,
+  QCOW_MAX_SNAPSHOTS_SIZE_BYTES,
+  snapshotTableBytesWithNew,
   type SnapshotEntry,
 } from './snapshot-table.js';
 
 export interface SaveReservation {
-  /** Where the vmstate's first byte goes; cluster aligned. */
-  hostOffset: number;
+  /** File offset of the vmstate's first byte; cluster aligned (the stream sink's baseOffset). */
+  baseOffset: number;
   /** The most vmstate bytes the image can describe (QEMU's 32 MiB L1 limit). */
   maxLength: number;
 }
 
 export interface SaveMetadata {
-  /** Exact vmstate length in bytes, already written at hostOffset and fdatasync'ed. */
+  /** Exact vmstate length in bytes, already written at baseOffset and fdatasync'ed. */
   vmStateSize: number;
   /** Guest clock at the save, nanoseconds (QEMU's vm_clock_nsec). Default 0. */
   vmClockNs?: bigint | number;
@@ -63,7 +64,13 @@ export interface SaveMetadata {
   icount?: bigint;
 }
 
-type Phase = 'reserved' | 'committing' | 'referenced' | 'committed' | 'aborted';
+/**
+ * reserved -> committing -> pastCommitPoint -> committed, or -> aborted.
+ * pastCommitPoint: the header write was issued and may have reached the
+ * disk, so the point of no return is passed: a failure from here on must not
+ * truncate the file back.
+ */
+type Phase = 'reserved' | 'committing' | 'pastCommitPoint' | 'committed' | 'aborted';
 
 interface SavePlan {
   rc: RefcountStore;
@@ -76,9 +83,11 @@ interface SavePlan {
 
 export class SaveTransaction implements SaveReservation {
   readonly name: string;
-  readonly hostOffset: number;
+  readonly baseOffset: number;
   readonly maxLength: number;
   private readonly _state: ImageState;
+  /** The refcounts, loaded once for the whole save (the caller's check used the same store). */
+  private readonly _rc: RefcountStore;
   private readonly _fileSizeAtBegin: number;
   /** Refcount blocks in the image at begin() (they may all be copied; reservation bound). */
   private readonly _refcountBlocks: number;
@@ -86,49 +95,41 @@ export class SaveTransaction implements SaveReservation {
   /** Space was reserved past the vmstate (preallocate: 'space'); give back what the save did not use. */
   private _trimTail = false;
 
-  private constructor(state: ImageState, name: string, hostOffset: number, maxLength: number, refcountBlocks: number) {
+  private constructor(state: ImageState, rc: RefcountStore, name: string, baseOffset: number, maxLength: number) {
     this._state = state;
-    this._refcountBlocks = refcountBlocks;
+    this._rc = rc;
+    this._refcountBlocks = rc.blockCount;
     this.name = name;
-    this.hostOffset = hostOffset;
+    this.baseOffset = baseOffset;
     this.maxLength = maxLength;
     this._fileSizeAtBegin = state.fileSizeBytes;
   }
 
   /**
-   * Reserves the vmstate run. The caller has checked the name and holds the
-   * write lock. `alignmentBytes` (a power of two, e.g. the O_DIRECT alignment)
-   * may push the start past the end of file; the clusters skipped stay free.
+   * Reserves the vmstate run. The caller has checked the name, holds the
+   * write lock, and passes the image's refcounts, freshly loaded and not yet
+   * changed; the save keeps them until it commits. `alignmentBytes` (a power
+   * of two, e.g. the O_DIRECT alignment) may push the start past the end of
+   * file; the clusters skipped stay free.
    */
-  static async begin(state: ImageState, name: string, alignmentBytes = 1, atOffset?: number): Promise<SaveTransaction> {
+  static async begin(state: ImageState, rc: RefcountStore, name: string, alignmentBytes = 1, atOffset?: number): Promise<SaveTransaction> {
     const { layout, header } = state;
-    const rc = await RefcountStore.load(
-      state.file,
-      layout,
-      header.refcountTableOffset,
-      header.refcountTableClusters,
-      state.fileSizeBytes,
-    );
     const step = Math.max(layout.clusterSize, alignmentBytes);
     const firstFree = Math.ceil((await rc.allocationEnd()) / step) * step;
     // A hand-off (src/vm) wrote the vmstate at `atOffset` while QEMU still had the image: it must
     // still lie past everything allocated now, or QEMU allocated into it meanwhile.
     if (atOffset !== undefined && (atOffset < firstFree || atOffset % step !== 0)) {
       throw new SnapshotError(
-        'VM_STATE',
+        ErrorCode.VM_STATE,
         `the image changed while the vmstate was written: clusters up to offset ${firstFree} are in use, overlapping the vmstate written at ${atOffset}; nothing was committed`,
         { path: state.file.path, offset: atOffset },
       );
     }
-    const hostOffset = atOffset ?? firstFree;
+    const baseOffset = atOffset ?? firstFree;
     const vmIndex = layout.vmStateL1Index(header.size);
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
-    const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - hostOffset));
-    return new SaveTransaction(state, name, hostOffset, maxLength, rc.blockCount);
-  }
-
-  get phase(): Phase {
-    return this._phase;
+    const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - baseOffset));
+    return new SaveTransaction(state, rc, name, baseOffset, maxLength);
   }
 
   async commit(meta: SaveMetadata): Promise<SnapshotEntry> {
@@ -137,55 +138,27 @@ export class SaveTransaction implements SaveReservation {
     this._phase = 'committing';
     const plan = await this.plan(meta);
     await commitShadow(this._state, plan.writes, plan.pointers, () => {
-      this._phase = 'referenced';
+      this._phase = 'pastCommitPoint';
     });
     this.committed(plan);
     this._state.fileSizeBytes = (await this._state.file.stat()).size;
-    if (this._trimTail) await this.trimTail(plan.rc).catch(() => undefined); // a failure only keeps free clusters
+    if (this._trimTail) await this.trimTail().catch(() => undefined); // a failure only keeps free clusters
     return plan.entry;
   }
 
-  /**
-   * Bytes from hostOffset that a save of up to `vmStateBytes` can occupy: the
-   * vmstate run plus an upper bound of its metadata (vmstate L2 tables, the L1
-   * copy, the new snapshot table, copies of the active L1 and of every active
-   * L2 table, a copy of every refcount block plus new ones, and a fresh,
-   * possibly grown refcount table). Reserving them up front turns a full disk
-   * into an ENOSPC before the first vmstate byte; commit() then gives back
-   * what the save did not use.
-   */
+  /** Bytes from baseOffset that a save of up to `vmStateBytes` can occupy (save-preallocate.ts); a pure query. */
   reservationBytes(vmStateBytes: number): number {
-    const { layout, l1, header } = this._state;
-    const vmClusters = layout.clustersFor(Math.min(vmStateBytes, this.maxLength));
-    const l2Tables = Math.ceil(vmClusters / layout.l2Entries);
-    const l1Entries = Math.max(l1.entries, layout.vmStateL1Index(header.size) + l2Tables);
-    let activeL2Tables = 0;
-    for (let i = 0; i < l1.entries; i++) if (l1.rawOffset(i) !== 0) activeL2Tables++;
-    // Our entry: fixed part, extra data, an id of at most 20 digits, the longest name, 8-byte alignment.
-    const entryBytes = SNAPSHOT_HEADER_BYTES + KNOWN_EXTRA_DATA_BYTES + 20 + MAX_SNAPSHOT_NAME_BYTES + 8;
-    const fresh =
-      vmClusters +
-      l2Tables +
-      layout.clustersFor(l1Entries * 8) +
-      layout.clustersFor(this._state.snapshotTableBytes + entryBytes) +
-      layout.clustersFor(l1.entries * 8) +
-      activeL2Tables;
-    const newBlocks = Math.ceil((fresh + this._refcountBlocks) / layout.refblockEntries) + 2;
-    const endCluster = layout.clusterIndex(this.hostOffset) + fresh + this._refcountBlocks + newBlocks;
-    // RefcountStore.relocate asks for 1.5 x the entries in use when it grows; bound it by the whole end of file.
-    const tableClusters = Math.max(
-      header.refcountTableClusters,
-      layout.clustersFor(Math.ceil((endCluster / layout.refblockEntries + 4) * 1.5) * 8),
-    );
-    // Every existing block may be copied; new ones cover the fresh clusters, the copies and the table.
-    const blocks = this._refcountBlocks + newBlocks + Math.ceil(tableClusters / layout.refblockEntries) + 1;
+    return saveReservationBytes(this._state, this, this._refcountBlocks, vmStateBytes);
+  }
+
+  /** Space past the vmstate was reserved: commit() truncates what the save did not use. */
+  trimTailOnCommit(): void {
     this._trimTail = true;
-    return (fresh + blocks + tableClusters) * layout.clusterSize;
   }
 
   /** Truncates the file after the last cluster in use, returning a reservation's unused tail. */
-  private async trimTail(rc: RefcountStore): Promise<void> {
-    const end = await rc.allocationEnd();
+  private async trimTail(): Promise<void> {
+    const end = await this._rc.allocationEnd();
     if (end >= this._state.fileSizeBytes) return;
     await this._state.file.truncate(end);
     // fdatasync: the shorter length is durable; a crash before only leaves free clusters past the end.
@@ -213,10 +186,10 @@ export class SaveTransaction implements SaveReservation {
   private async plan(meta: SaveMetadata): Promise<SavePlan> {
     const { layout, header, l1 } = this._state;
     const vmClusters = layout.clustersFor(meta.vmStateSize);
-    const alloc = new EndAllocator(this.hostOffset, layout);
+    const alloc = new EndAllocator(this.baseOffset, layout);
     alloc.allocClusters(vmClusters);
     const vmIndex = layout.vmStateL1Index(header.size);
-    const vmL2s = buildVmStateL2s(alloc, this.hostOffset, vmClusters, layout);
+    const vmL2s = buildVmStateL2s(alloc, this.baseOffset, vmClusters, layout);
     const l1Entries = Math.max(l1.entries, vmL2s.length > 0 ? vmIndex + vmL2s.length : 0);
     if (l1Entries > QCOW_MAX_L1_SIZE_BYTES / 8) throw unsupported('the vmstate needs an L1 table above 32 MiB');
     // Verbatim copy of the live L1, COPIED bits included: QEMU copies the L1 before updating refcounts.
@@ -227,13 +200,7 @@ export class SaveTransaction implements SaveReservation {
     const entry = this.makeEntry(meta, snapshotL1Offset, l1Entries);
     const table = encodeSnapshotTable([...this._state.snapshots, entry]);
     const tableOffset = alloc.allocBytes(table.length);
-    const rc = await RefcountStore.load(
-      this._state.file,
-      layout,
-      header.refcountTableOffset,
-      header.refcountTableClusters,
-      this._state.fileSizeBytes,
-    );
+    const rc = this._rc;
     await addSnapshotReferences(this._state, rc, (i) => i >= vmIndex && i < vmIndex + vmL2s.length);
     const active = await shadowActiveTables(this._state, rc, alloc);
     await rc.release(header.snapshotsOffset, this._state.snapshotTableBytes);
@@ -324,21 +291,30 @@ function validateSaveMetadata(meta: SaveMetadata, maxLength: number): void {
   }
 }
 
-/** L2 tables for the vmstate area: entry k maps vmstate cluster k to hostOffset + k clusters. */
-function buildVmStateL2s(alloc: EndAllocator, hostOffset: number, vmClusters: number, layout: Layout): L2Table[] {
+/** L2 tables for the vmstate area: entry k maps vmstate cluster k to baseOffset + k clusters. */
+function buildVmStateL2s(alloc: EndAllocator, baseOffset: number, vmClusters: number, layout: Layout): L2Table[] {
   const count = Math.ceil(vmClusters / layout.l2Entries);
   const base = alloc.allocClusters(count);
   const tables: L2Table[] = [];
   for (let t = 0; t < count; t++) tables.push(L2Table.empty(base + t * layout.clusterSize, layout));
   for (let k = 0; k < vmClusters; k++) {
     // COPIED stays clear, as in the L2 QEMU's savevm leaves to the snapshot.
-    tables[Math.floor(k / layout.l2Entries)]!.setStandard(k % layout.l2Entries, hostOffset + k * layout.clusterSize, {
+    tables[Math.floor(k / layout.l2Entries)]!.setStandard(k % layout.l2Entries, baseOffset + k * layout.clusterSize, {
       copied: false,
     });
   }
   return tables;
 }
 
-export function snapshotExistsError(name: string): SnapshotError {
-  return new SnapshotError(ErrorCode.SNAPSHOT_EXISTS, `a snapshot named or numbered '${name}' already exists`);
+/** A new snapshot named `name` must not clash with any id or name, and must fit QEMU's table limits. */
+export function refuseNewSnapshot(snapshots: readonly SnapshotEntry[], name: string): void {
+  if (snapshots.some((s) => s.name === name || s.id === name)) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_EXISTS, `a snapshot named or numbered '${name}' already exists`);
+  }
+  if (snapshots.length >= QCOW_MAX_SNAPSHOTS) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the image already has ${QCOW_MAX_SNAPSHOTS} snapshots`);
+  }
+  if (snapshotTableBytesWithNew(snapshots, name) > QCOW_MAX_SNAPSHOTS_SIZE_BYTES) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the snapshot table would exceed QEMU's limit of ${QCOW_MAX_SNAPSHOTS_SIZE_BYTES} bytes`);
+  }
 }

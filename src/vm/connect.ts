@@ -2,8 +2,8 @@
  * connectVm(socketPath): snapstream's handle on a running QEMU. Operations
  * are serialised: one savevm or loadvm at a time, in call order.
  */
-import { SnapshotError } from '../errors.js';
-import { validateNewSnapshotName } from '../qcow2/image.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
+import { validatePath, validateSnapshotName, validateSnapshotRef } from '../validate.js';
 import { loadVm, validateLoadVmOptions, type LoadVmOptions, type LoadVmResult } from './loadvm.js';
 import { Monitor } from './monitor.js';
 import { saveVm, validateSaveVmOptions, type SaveVmOptions, type SaveVmResult } from './savevm.js';
@@ -43,14 +43,14 @@ export class VmConnection {
    * state, and resumes it if it was running.
    */
   savevm(name: string, options?: SaveVmOptions): Promise<SaveVmResult> {
-    validateNewSnapshotName(name);
+    validateSnapshotName(name, 'name');
     const opts = validateSaveVmOptions(options);
     return this.exclusive(() => saveVm(this._monitor, name, opts));
   }
 
   /** Restores snapshot `name` into a QEMU started with `-incoming defer` and the same configuration. */
   loadvm(name: string, options?: LoadVmOptions): Promise<LoadVmResult> {
-    if (typeof name !== 'string' || name === '') throw new TypeError(`Expected a snapshot name or id for name, received ${String(name)}`);
+    validateSnapshotRef(name, 'name');
     const opts = validateLoadVmOptions(options);
     return this.exclusive(() => loadVm(this._monitor, name, opts));
   }
@@ -64,7 +64,7 @@ export class VmConnection {
   }
 
   private exclusive<T>(task: () => Promise<T>): Promise<T> {
-    if (this._closed) return Promise.reject(new SnapshotError('QMP_ERROR', `the connection to '${this.socketPath}' is closed`));
+    if (this._closed) return Promise.reject(new SnapshotError(ErrorCode.QMP_CLOSED, `the connection to '${this.socketPath}' is closed`));
     const run = this._queue.then(task, task);
     this._queue = run.catch(() => undefined);
     return run;
@@ -72,9 +72,7 @@ export class VmConnection {
 }
 
 export function connectVm(socketPath: string, options: ConnectVmOptions = {}): Promise<VmConnection> {
-  if (typeof socketPath !== 'string' || socketPath.length === 0) {
-    throw new TypeError(`Expected a non-empty QMP socket path for socketPath, received ${String(socketPath)}`);
-  }
+  validatePath(socketPath, 'socketPath');
   if (options === null || typeof options !== 'object') throw new TypeError(`Expected an object for options, received ${String(options)}`);
   if (options.timeoutMs !== undefined && (!Number.isInteger(options.timeoutMs) || options.timeoutMs < 1)) {
     throw new RangeError(`Expected a positive integer for options.timeoutMs, received ${String(options.timeoutMs)}`);

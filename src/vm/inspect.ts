@@ -12,7 +12,7 @@
  * - QEMU writes persistent dirty bitmaps into new clusters when it hands an
  *   image over (qcow2_inactivate), which would race the vmstate we write.
  */
-import { SnapshotError } from '../errors.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
 import type { QmpClient } from './qmp.js';
 
 /** One writable disk as QEMU sees it. */
@@ -58,7 +58,7 @@ const IDLE_MIGRATION = new Set(['none', 'completed', 'failed', 'cancelled']);
 const UNSUPPORTED_CAPABILITIES = ['multifd', 'postcopy-ram', 'x-colo', 'background-snapshot', 'return-path', 'compress', 'release-ram'];
 
 export function vmStateError(message: string): SnapshotError {
-  return new SnapshotError('VM_STATE', message);
+  return new SnapshotError(ErrorCode.VM_STATE, message);
 }
 
 export async function inspectVm(qmp: QmpClient): Promise<VmInfo> {
@@ -79,6 +79,10 @@ export async function inspectVm(qmp: QmpClient): Promise<VmInfo> {
   return { status: status.status, running: status.running, disks, version: qmp.version };
 }
 
+export function vmUnsupported(message: string): SnapshotError {
+  return new SnapshotError(ErrorCode.VM_UNSUPPORTED, message);
+}
+
 /** Refuses, before anything is stopped, a VM that savevm cannot hand off safely. */
 export async function assertSaveable(qmp: QmpClient, info: VmInfo): Promise<void> {
   assertSaveRunState(info.status);
@@ -91,7 +95,7 @@ export async function assertSaveable(qmp: QmpClient, info: VmInfo): Promise<void
   const capabilities = await qmp.execute<Array<{ capability: string; state: boolean }>>('query-migrate-capabilities');
   const enabled = capabilities.filter((c) => c.state && UNSUPPORTED_CAPABILITIES.includes(c.capability)).map((c) => c.capability);
   if (enabled.length > 0) {
-    throw vmStateError(`migration capabilit${enabled.length === 1 ? 'y' : 'ies'} ${enabled.join(', ')} enabled; snapstream takes one plain stream, turn ${enabled.length === 1 ? 'it' : 'them'} off first`);
+    throw vmUnsupported(`migration capabilit${enabled.length === 1 ? 'y' : 'ies'} ${enabled.join(', ')} enabled; snapstream takes one plain stream, turn ${enabled.length === 1 ? 'it' : 'them'} off first`);
   }
   await assertNoBlockActivity(qmp);
 }
@@ -112,13 +116,13 @@ export function assertSaveRunState(status: string): void {
 export function assertQcow2File(disk: VmDisk): void {
   if (disk.format !== 'qcow2') {
     throw new SnapshotError(
-      'QCOW2_UNSUPPORTED',
+      ErrorCode.VM_UNSUPPORTED,
       `disk '${disk.device}' (${disk.path}) is ${disk.format}, not qcow2: savevm snapshots every writable disk, so every one must be qcow2 (or attach it read-only)`,
       { path: disk.path },
     );
   }
   if (!disk.path.startsWith('/')) {
-    throw new SnapshotError('QCOW2_UNSUPPORTED', `disk '${disk.device}' is not a local file ('${disk.path}'); snapstream writes the image file itself`, {
+    throw new SnapshotError(ErrorCode.VM_UNSUPPORTED, `disk '${disk.device}' is not a local file ('${disk.path}'); snapstream writes the image file itself`, {
       path: disk.path,
     });
   }
@@ -139,7 +143,7 @@ async function assertNoBlockActivity(qmp: QmpClient): Promise<void> {
   for (const node of nodes) {
     const persistent = (node['dirty-bitmaps'] ?? []).filter((b) => b.persistent === true);
     if (persistent.length === 0) continue;
-    throw vmStateError(
+    throw vmUnsupported(
       `disk node '${node['node-name']}' has persistent dirty bitmap '${persistent[0]!.name}': QEMU writes it into new clusters ` +
         'when it hands the image over; remove it (block-dirty-bitmap-remove) or use QEMU savevm',
     );

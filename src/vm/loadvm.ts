@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { SnapshotError, toSnapshotError } from '../errors.js';
+import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { openImage, type Image, type SnapshotInfo } from '../qcow2/image.js';
 import { assertQcow2File, inspectVm, pickVmStateDisk, vmStateError, type VmDisk } from './inspect.js';
 import { connectIncoming, waitMigrationFinal } from './migration.js';
@@ -111,14 +111,14 @@ async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk, name: string,
       images.push(image);
       const snapshot = image.snapshots().find((s) => s.id === name) ?? image.snapshots().find((s) => s.name === name);
       if (snapshot === undefined) {
-        throw new SnapshotError('SNAPSHOT_NOT_FOUND', `disk '${disk.device}' (${disk.path}) has no snapshot '${name}'`, { path: disk.path });
+        throw new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `disk '${disk.device}' (${disk.path}) has no snapshot '${name}'`, { path: disk.path });
       }
       if (disk === vmDisk) found = snapshot;
     }
     if (found === undefined || found.vmStateSize === 0) {
-      throw vmStateError(`snapshot '${name}' on disk '${vmDisk.device}' is disk-only (no vmstate); revert it offline with 'snapstream revert'`);
+      throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot '${name}' on disk '${vmDisk.device}' is disk-only (no vmstate); revert it offline with 'snapstream revert'`);
     }
-    if (signal?.aborted === true) throw new SnapshotError('ABORTED', 'loadvm aborted before any disk was reverted');
+    if (signal?.aborted === true) throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before any disk was reverted');
     for (const image of images) await image.revertSnapshot(name);
     return found;
   } finally {
@@ -149,7 +149,7 @@ async function feedIncoming(
     await pipeline(image.createVmStateReadStream(snapshot.id), tail, socket, { signal: options.signal });
     const final = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
-      throw vmStateError(`QEMU did not accept the vmstate: migration '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}`);
+      throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not accept the vmstate: migration '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}`);
     }
     return { savedRunState: findGlobalState(tail.tail)?.runState, streamMs: performance.now() - streamStart };
   } catch (err) {

@@ -8,8 +8,8 @@ import { createServer, connect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { SnapshotError } from '../errors.js';
-import { QmpError, type QmpClient } from './qmp.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
+import type { QmpClient } from './qmp.js';
 
 /** query-migrate poll interval: small against the downtime we measure, cheap for QEMU. */
 export const MIGRATION_POLL_MS = 10;
@@ -70,7 +70,7 @@ export class MigrationListener {
   async accept(timeoutMs = CONNECT_TIMEOUT_MS): Promise<Socket> {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new SnapshotError('QMP_ERROR', `QEMU did not connect to the migration socket within ${timeoutMs} ms`)), timeoutMs);
+      timer = setTimeout(() => reject(new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not connect to the migration socket within ${timeoutMs} ms`)), timeoutMs);
     });
     try {
       return await Promise.race([this._connection, timeout]);
@@ -101,7 +101,7 @@ export async function connectIncoming(path: string, timeoutMs = CONNECT_TIMEOUT_
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || Date.now() > deadline) {
-        throw new SnapshotError('QMP_ERROR', `cannot connect to QEMU's incoming migration socket: ${code ?? String(err)}`, { cause: err });
+        throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `cannot connect to QEMU's incoming migration socket: ${code ?? String(err)}`, { cause: err });
       }
       await sleep(MIGRATION_POLL_MS);
     }
@@ -121,7 +121,9 @@ export async function waitMigrationFinal(qmp: QmpClient, timeoutMs: number): Pro
   for (;;) {
     const info = await queryMigrate(qmp);
     if (FINAL.has(info.status)) return info;
-    if (Date.now() > deadline) throw new QmpError(`the migration did not finish within ${timeoutMs} ms (status '${info.status}')`);
+    if (Date.now() > deadline) {
+      throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `the migration did not finish within ${timeoutMs} ms (status '${info.status}')`);
+    }
     await sleep(MIGRATION_POLL_MS);
   }
 }

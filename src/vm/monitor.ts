@@ -4,6 +4,7 @@
  * `cont` on a new connection can resume it.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { ErrorCode } from '../errors.js';
 import { QmpClient, QmpError } from './qmp.js';
 
 /** How long revive() keeps trying to reconnect. */
@@ -41,7 +42,11 @@ export class Monitor {
         await sleep(REVIVE_RETRY_MS);
       }
     }
-    throw new QmpError(`lost the QMP connection to '${this.path}' and could not reconnect within ${timeoutMs} ms`, { path: this.path, cause: last });
+    throw new QmpError(`lost the QMP connection to '${this.path}' and could not reconnect within ${timeoutMs} ms`, {
+      code: ErrorCode.QMP_CLOSED,
+      path: this.path,
+      cause: last,
+    });
   }
 
   close(): void {

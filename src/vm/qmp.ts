@@ -10,7 +10,7 @@
  * until the first leaves, hence the greeting timeout names that cause.
  */
 import { connect, type Socket } from 'node:net';
-import { SnapshotError } from '../errors.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
 
 /** Bound for one command. QMP commands return at once; long work runs as jobs or migrations. */
 export const DEFAULT_COMMAND_TIMEOUT_MS = 10_000;
@@ -27,7 +27,10 @@ export interface QmpEvent {
   timestamp?: { seconds: number; microseconds: number };
 }
 
-/** A failure of QMP itself (connection, protocol, timeout) or a QEMU error reply: code QMP_ERROR. */
+/**
+ * A QEMU error reply or a command that got no reply (code QMP_ERROR), or a
+ * connection that could not be made or was lost (code QMP_CLOSED).
+ */
 export class QmpError extends SnapshotError {
   /** The command that failed, when there was one. */
   readonly command: string | undefined;
@@ -36,8 +39,11 @@ export class QmpError extends SnapshotError {
   /** QEMU's error description, verbatim. */
   readonly desc: string | undefined;
 
-  constructor(message: string, details: { command?: string; errorClass?: string; desc?: string; path?: string; cause?: unknown } = {}) {
-    super('QMP_ERROR', message, { path: details.path, cause: details.cause });
+  constructor(
+    message: string,
+    details: { code?: typeof ErrorCode.QMP_ERROR | typeof ErrorCode.QMP_CLOSED; command?: string; errorClass?: string; desc?: string; path?: string; cause?: unknown } = {},
+  ) {
+    super(details.code ?? ErrorCode.QMP_ERROR, message, { path: details.path, cause: details.cause });
     this.name = 'QmpError';
     this.command = details.command;
     this.errorClass = details.errorClass;
@@ -82,8 +88,8 @@ export class QmpClient {
     this._socket = socket;
     this.greeting = greeting;
     socket.on('data', (chunk: Buffer) => this._onData(chunk.toString('utf8')));
-    socket.on('error', (error) => this._fail(new QmpError(`QMP socket '${path}': ${error.message}`, { path, cause: error })));
-    socket.on('close', () => this._fail(new QmpError(`QMP socket '${path}' closed by QEMU`, { path })));
+    socket.on('error', (error) => this._fail(closed(`QMP socket '${path}': ${error.message}`, path, error)));
+    socket.on('close', () => this._fail(closed(`QMP socket '${path}' closed by QEMU`, path)));
     if (rest !== '') this._onData(rest);
   }
 
@@ -161,18 +167,18 @@ export class QmpClient {
 
   /** Ends the connection; pending commands and waits reject. Idempotent. */
   close(): void {
-    this._fail(new QmpError(`QMP connection to '${this.path}' closed`, { path: this.path }), false);
+    this._fail(closed(`QMP connection to '${this.path}' closed`, this.path), false);
     this._socket.destroy();
   }
 
   private _closedFor(what: string): QmpError {
-    return new QmpError(`QMP ${what}: ${this._closed!.message}`, { path: this.path, cause: this._closed });
+    return closed(`QMP ${what}: ${this._closed!.message}`, this.path, this._closed);
   }
 
   private _onData(text: string): void {
     this._buffer += text;
     if (this._buffer.length > MAX_LINE_BYTES && !this._buffer.includes('\n')) {
-      this._fail(new QmpError(`QMP socket '${this.path}': a message over ${MAX_LINE_BYTES} bytes`, { path: this.path }));
+      this._fail(closed(`QMP socket '${this.path}': a message over ${MAX_LINE_BYTES} bytes`, this.path));
       this._socket.destroy();
       return;
     }
@@ -186,7 +192,7 @@ export class QmpClient {
         message = JSON.parse(line) as Record<string, unknown>;
       } catch {
         // A desynchronised stream cannot be trusted further.
-        this._fail(new QmpError(`QMP socket '${this.path}': not JSON: ${line.slice(0, 200)}`, { path: this.path }));
+        this._fail(closed(`QMP socket '${this.path}': not JSON: ${line.slice(0, 200)}`, this.path));
         this._socket.destroy();
         return;
       }
@@ -235,15 +241,19 @@ export class QmpClient {
     this._closed = error;
     for (const pending of this._pending.values()) {
       clearTimeout(pending.timer);
-      pending.reject(new QmpError(`QMP ${pending.command}: ${error.message}`, { command: pending.command, path: this.path, cause: error }));
+      pending.reject(closed(`QMP ${pending.command}: ${error.message}`, this.path, error));
     }
     this._pending.clear();
     for (const waiter of this._waiters.splice(0)) {
       clearTimeout(waiter.timer);
-      waiter.reject(new QmpError(`QMP event ${waiter.name}: ${error.message}`, { path: this.path, cause: error }));
+      waiter.reject(closed(`QMP event ${waiter.name}: ${error.message}`, this.path, error));
     }
     if (notify) for (const listener of this._closeListeners.splice(0)) listener(error);
   }
+}
+
+function closed(message: string, path: string, cause?: unknown): QmpError {
+  return new QmpError(message, { code: ErrorCode.QMP_CLOSED, path, cause });
 }
 
 /** Opens the socket and reads the greeting line within `timeoutMs`. */
@@ -261,13 +271,13 @@ function openAndGreet(path: string, timeoutMs: number): Promise<{ socket: Socket
       const why = connected
         ? `no QMP greeting within ${timeoutMs} ms (QEMU serves one client per -qmp socket: is another client connected?)`
         : `no connection within ${timeoutMs} ms`;
-      fail(new QmpError(`QMP socket '${path}': ${why}`, { path }));
+      fail(closed(`QMP socket '${path}': ${why}`, path));
     }, timeoutMs);
     const onData = (chunk: Buffer): void => {
       buffer += chunk.toString('utf8');
       const newline = buffer.indexOf('\n');
       if (newline < 0) {
-        if (buffer.length > MAX_LINE_BYTES) fail(new QmpError(`QMP socket '${path}': not a QMP server`, { path }));
+        if (buffer.length > MAX_LINE_BYTES) fail(closed(`QMP socket '${path}': not a QMP server`, path));
         return;
       }
       clearTimeout(timer);
@@ -279,16 +289,16 @@ function openAndGreet(path: string, timeoutMs: number): Promise<{ socket: Socket
         greeting = undefined;
       }
       if (greeting === null || typeof greeting !== 'object' || !('QMP' in greeting)) {
-        fail(new QmpError(`QMP socket '${path}': not a QMP greeting: ${buffer.slice(0, 200)}`, { path }));
+        fail(closed(`QMP socket '${path}': not a QMP greeting: ${buffer.slice(0, 200)}`, path));
         return;
       }
       resolve({ socket, greeting: greeting as Record<string, unknown>, rest: buffer.slice(newline + 1) });
     };
     const onError = (error: NodeJS.ErrnoException): void => {
       const hint = error.code === 'ENOENT' ? ' (no such socket: is QEMU running with -qmp unix:PATH,server=on?)' : '';
-      fail(new QmpError(`cannot connect to QMP socket '${path}': ${error.code ?? error.message}${hint}`, { path, cause: error }));
+      fail(closed(`cannot connect to QMP socket '${path}': ${error.code ?? error.message}${hint}`, path, error));
     };
-    const onClose = (): void => fail(new QmpError(`QMP socket '${path}' closed before the greeting`, { path }));
+    const onClose = (): void => fail(closed(`QMP socket '${path}' closed before the greeting`, path));
     socket.once('connect', () => {
       connected = true;
     });

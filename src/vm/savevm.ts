@@ -112,7 +112,7 @@ async function handOff(run: Run): Promise<SaveVmResult> {
     const vmStateBytes = await receiveStream(run, listener);
     const final = await waitMigrationFinal(run.monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
-      throw vmStateError(`the migration ended '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}; nothing was committed`);
+      throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `the migration ended '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}; nothing was committed`);
     }
     if (run.options.signal?.aborted === true) throw abortedError();
     const vmClockNs = await readTail(run, vmStateBytes);
@@ -144,12 +144,12 @@ async function receiveStream(run: Run, listener: MigrationListener): Promise<num
   let seen = -1;
   const stall = setInterval(() => {
     if (stream.bytesQueued === seen) {
-      socket.destroy(new SnapshotError('QMP_ERROR', `no migration data for ${STALL_TIMEOUT_MS} ms; QEMU stalled`));
+      socket.destroy(new SnapshotError(ErrorCode.MIGRATION_FAILED, `no migration data for ${STALL_TIMEOUT_MS} ms; QEMU stalled`));
     }
     seen = stream.bytesQueued;
   }, STALL_TIMEOUT_MS);
   const onClose = (): void => {
-    socket.destroy(new SnapshotError('QMP_ERROR', 'the QMP connection closed during the migration'));
+    socket.destroy(new SnapshotError(ErrorCode.QMP_CLOSED, 'the QMP connection closed during the migration'));
   };
   run.monitor.client.onClose(onClose);
   try {

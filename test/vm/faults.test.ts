@@ -74,7 +74,7 @@ describe.skipIf(skip !== undefined)('savevm faults', () => {
           void vm.qmp.execute('migrate_cancel');
         }
       };
-      await expect(snap.savevm('cancelled', { onProgress })).rejects.toMatchObject({ code: 'VM_STATE', message: /cancelled.*nothing was committed/ });
+      await expect(snap.savevm('cancelled', { onProgress })).rejects.toMatchObject({ code: 'MIGRATION_FAILED', message: /cancelled.*nothing was committed/ });
       await snap.close();
       expect(cancelled).toBe(true);
       await expectRecovered(vm, image, 'cancelled');
@@ -169,7 +169,7 @@ describe.skipIf(skip !== undefined)('savevm faults', () => {
           for (const socket of pairs[0]!) socket.destroy();
         }
       };
-      await expect(snap.savevm('dropped', { onProgress })).rejects.toMatchObject({ code: 'QMP_ERROR', message: /QMP connection closed/ });
+      await expect(snap.savevm('dropped', { onProgress })).rejects.toMatchObject({ code: 'QMP_CLOSED', message: /QMP connection closed/ });
       await snap.close();
       expect(pairs.length).toBeGreaterThanOrEqual(2);
       await waitStatus(vm, (s) => s === 'running');

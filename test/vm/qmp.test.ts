@@ -67,7 +67,7 @@ describe.skipIf(skip !== undefined)('QmpClient with a real QEMU', () => {
     const first = await QmpClient.connect(vm.snapSocket);
     try {
       await expect(QmpClient.connect(vm.snapSocket, { timeoutMs: 300 })).rejects.toMatchObject({
-        code: 'QMP_ERROR',
+        code: 'QMP_CLOSED',
         message: /no QMP greeting within 300 ms.*another client/,
       });
     } finally {
@@ -77,12 +77,12 @@ describe.skipIf(skip !== undefined)('QmpClient with a real QEMU', () => {
     again.close();
   });
 
-  it('rejects pending commands when closed, and every later one', async () => {
+  it('rejects pending commands when closed, and every later one (QMP_CLOSED)', async () => {
     const qmp = await QmpClient.connect(vm.snapSocket);
     const pending = qmp.execute('query-status', undefined, { timeoutMs: 5_000 });
     qmp.close();
-    await expect(pending).rejects.toMatchObject({ code: 'QMP_ERROR' });
-    await expect(qmp.execute('query-status')).rejects.toMatchObject({ code: 'QMP_ERROR', message: /closed/ });
+    await expect(pending).rejects.toMatchObject({ code: 'QMP_CLOSED' });
+    await expect(qmp.execute('query-status')).rejects.toMatchObject({ code: 'QMP_CLOSED', message: /closed/ });
     expect(qmp.closed).toBe(true);
   });
 });
@@ -124,8 +124,8 @@ describe('QmpClient against servers that misbehave', () => {
     const garbage = await serve('garbage.sock', (socket) => socket.end('SSH-2.0-OpenSSH\n'));
     const closing = await serve('closing.sock', (socket) => socket.destroy());
     try {
-      await expect(QmpClient.connect(garbage.path)).rejects.toMatchObject({ code: 'QMP_ERROR', message: /not a QMP greeting/ });
-      await expect(QmpClient.connect(closing.path)).rejects.toMatchObject({ code: 'QMP_ERROR', message: /closed before the greeting/ });
+      await expect(QmpClient.connect(garbage.path)).rejects.toMatchObject({ code: 'QMP_CLOSED', message: /not a QMP greeting/ });
+      await expect(QmpClient.connect(closing.path)).rejects.toMatchObject({ code: 'QMP_CLOSED', message: /closed before the greeting/ });
     } finally {
       garbage.server.close();
       closing.server.close();

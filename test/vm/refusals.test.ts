@@ -66,11 +66,11 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
     }
   }
 
-  it('refuses a raw writable disk beside a qcow2 one (QCOW2_UNSUPPORTED), and takes a raw disk attached read-only', async () => {
+  it('refuses a raw writable disk beside a qcow2 one (VM_UNSUPPORTED), and takes a raw disk attached read-only', async () => {
     const qcow2 = await image();
     const raw = await image('raw');
     await withVm([qcow2, raw], async (vm) => {
-      await expectSaveRefused(vm, 'QCOW2_UNSUPPORTED', /drive1.*raw, not qcow2/);
+      await expectSaveRefused(vm, 'VM_UNSUPPORTED', /drive1.*raw, not qcow2/);
     });
     expect(await qemuImg.snapshotList(qcow2.path)).toEqual([]);
     await withVm([qcow2, { ...raw, readOnly: true }], async (vm) => {
@@ -100,11 +100,11 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
     }, { incoming: true });
   });
 
-  it('refuses an active block job, an NBD export, a persistent dirty bitmap, a running migration and multifd (VM_STATE)', async () => {
+  it('refuses an active block job, an NBD export and a running migration (VM_STATE), a persistent dirty bitmap and multifd (VM_UNSUPPORTED)', async () => {
     const disk = await image();
     await withVm([disk], async (vm) => {
       await vm.qmp.execute('block-dirty-bitmap-add', { node: 'disk0', name: 'bm0', persistent: true });
-      await expectSaveRefused(vm, 'VM_STATE', /persistent dirty bitmap 'bm0'/);
+      await expectSaveRefused(vm, 'VM_UNSUPPORTED', /persistent dirty bitmap 'bm0'/);
       await vm.qmp.execute('block-dirty-bitmap-remove', { node: 'disk0', name: 'bm0' });
 
       await vm.qmp.execute('nbd-server-start', { addr: { type: 'unix', data: { path: join(dir.path, 'nbd.sock') } } });
@@ -121,7 +121,7 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
       await vm.qmp.execute('job-dismiss', { id: 'mirror0' }).catch(() => undefined);
 
       await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] });
-      await expectSaveRefused(vm, 'VM_STATE', /multifd/);
+      await expectSaveRefused(vm, 'VM_UNSUPPORTED', /multifd/);
       await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: false }] });
 
     });
@@ -148,7 +148,7 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
     await withVm([disk], async (vm) => {
       const snap = await connectVm(vm.snapSocket);
       await expect(snap.loadvm('nope')).rejects.toMatchObject({ code: 'SNAPSHOT_NOT_FOUND', message: /drive0.*'nope'/ });
-      await expect(snap.loadvm('disk-only')).rejects.toMatchObject({ code: 'VM_STATE', message: /disk-only/ });
+      await expect(snap.loadvm('disk-only')).rejects.toMatchObject({ code: 'SNAPSHOT_DISK_ONLY', message: /disk-only/ });
       await snap.close();
       expect(await vm.status()).toBe('inmigrate');
     }, { incoming: true, running: false });
@@ -166,6 +166,6 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
       await snap.close();
     });
     expect(() => connectVm('')).toThrow(TypeError);
-    await expect(connectVm(join(dir.path, 'missing.qmp'))).rejects.toMatchObject({ code: 'QMP_ERROR', message: /ENOENT/ });
+    await expect(connectVm(join(dir.path, 'missing.qmp'))).rejects.toMatchObject({ code: 'QMP_CLOSED', message: /ENOENT/ });
   });
 });
