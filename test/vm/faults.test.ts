@@ -83,6 +83,23 @@ describe.skipIf(skip !== undefined)('savevm faults', () => {
     }
   });
 
+  it('an AbortSignal fired mid-stream (what Ctrl-C does in the CLI): ABORTED, nothing committed, the VM resumed', async () => {
+    const { vm, image } = await runningVm();
+    try {
+      const snap = await connectVm(vm.snapSocket);
+      const controller = new AbortController();
+      const onProgress = (p: SaveVmProgress): void => {
+        if (p.phase === 'stream' && p.bytes > 0) controller.abort();
+      };
+      await expect(snap.savevm('aborted', { signal: controller.signal, onProgress })).rejects.toMatchObject({ code: 'ABORTED' });
+      await snap.close();
+      expect((await vm.qmp.execute<{ status: string }>('query-migrate')).status).toMatch(/cancelled|failed/);
+      await expectRecovered(vm, image, 'aborted');
+    } finally {
+      await vm.kill();
+    }
+  });
+
   it('ENOSPC in the middle of the stream (small loop mount): nothing committed, the space given back, the VM resumed and writing', async (ctx) => {
     const reason = loopFsSkipReason('ext4');
     if (reason !== undefined) ctx.skip();
