@@ -160,9 +160,13 @@ export class QmpClient {
     return this._events;
   }
 
-  /** Called once when the connection ends for any reason other than close(). */
-  onClose(listener: (error: QmpError) => void): void {
+  /** Calls `listener` once when the connection ends for any reason other than close(); returns the unsubscribe. */
+  onClose(listener: (error: QmpError) => void): () => void {
     this._closeListeners.push(listener);
+    return () => {
+      const index = this._closeListeners.indexOf(listener);
+      if (index >= 0) this._closeListeners.splice(index, 1);
+    };
   }
 
   /** Ends the connection; pending commands and waits reject. Idempotent. */

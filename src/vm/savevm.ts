@@ -151,12 +151,13 @@ async function receiveStream(run: Run, listener: MigrationListener): Promise<num
   const onClose = (): void => {
     socket.destroy(new SnapshotError(ErrorCode.QMP_CLOSED, 'the QMP connection closed during the migration'));
   };
-  run.monitor.client.onClose(onClose);
+  const unsubscribe = run.monitor.client.onClose(onClose);
   try {
     await pipeline(socket, stream);
     return stream.bytesWritten;
   } finally {
     clearInterval(stall);
+    unsubscribe();
   }
 }
 
