@@ -20,13 +20,13 @@ import { TargetFile } from '../io/target-file.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef } from '../validate.js';
 import { checkImage, type CheckResult } from './check.js';
-import { invariant } from './fail.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
+import { revertToSnapshotAt } from './image-revert.js';
 import { refuseNewSnapshot, SaveTransaction, type SaveMetadata, type SaveReservation } from './image-save.js';
 import { OpenExports } from './open-exports.js';
 import { OperationQueue } from './operation-queue.js';
-import { SaveSession } from './save-session.js';
+import { SaveSlot } from './save-session.js';
 import { ImageMetadata } from './image-metadata.js';
 import { openImageState, type ImageState } from './image-state.js';
 import { releaseImageLocks, type LockPlan } from './lock.js';
@@ -34,6 +34,7 @@ import { preallocateSave } from './save-preallocate.js';
 import {
   validateOpenImageOptions,
   validateSaveStreamOptions,
+  type BeginSaveOptions,
   type OpenImageConfig,
   type OpenImageOptions,
   type SaveStreamOptions,
@@ -41,7 +42,7 @@ import {
 } from './image-options.js';
 import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import { snapshotSinkFactory, SnapshotSink } from './snapshot-sink.js';
-import { findByName } from './snapshot-lookup.js';
+import { findById, findByIdThenName, findByName } from './snapshot-lookup.js';
 import { createVmStateReadStream, validateVmStateReadOptions, type VmStateReadOptions, type VmStateReadStream } from './vmstate-reader.js';
 
 export type { CheckResult } from './check.js';
@@ -54,13 +55,14 @@ const DEFAULT_OPEN: OpenImageConfig = { readOnly: false, forceShare: false };
 /** Largest alignment a save's vmstate run may be asked to start on (the largest DIO alignment we accept). */
 const MAX_SAVE_ALIGNMENT_BYTES = 1 << 20;
 
+
 export class Image {
   readonly path: string;
   readonly readOnly: boolean;
   private readonly _meta: ImageMetadata;
   private readonly _locks: LockPlan | undefined;
   private readonly _ops = new OperationQueue();
-  private _save: SaveSession | undefined;
+  private readonly _saves = new SaveSlot(this._ops);
   private readonly _exports = new OpenExports();
   private _closing: Promise<void> | undefined;
 
@@ -112,14 +114,16 @@ export class Image {
 
   /**
    * The saved VM state of the snapshot named `name` (by name, as loadvm
-   * finds it: snapshot-lookup.ts), byte for byte. The stream reads lazily; the
+   * finds it: snapshot-lookup.ts; with `{ by: 'id' }` the snapshot with that
+   * id), byte for byte. The stream reads lazily; the
    * snapshot cannot be deleted while it is open, and close() stops it.
    */
   createVmStateReadStream(name: string, options?: VmStateReadOptions): VmStateReadStream {
     validateSnapshotRef(name, 'name');
     const resolved = validateVmStateReadOptions(options);
     this.assertOpen();
-    const entry = this._state.snapshots[findByName(this._state.snapshots, name)]!;
+    const { snapshots } = this._state;
+    const entry = snapshots[resolved.by === 'id' ? findById(snapshots, name) : findByName(snapshots, name)]!;
     return this._exports.add(createVmStateReadStream(this._state, entry, resolved), entry.id);
   }
 
@@ -135,6 +139,21 @@ export class Image {
     });
   }
 
+  /**
+   * The disk back to snapshot `idOrName`, as `qemu-img snapshot -a` does:
+   * the active tables become the snapshot's, the snapshot stays. Crash-safe
+   * through the shadow commit (image-revert.ts).
+   */
+  revertSnapshot(idOrName: string): Promise<SnapshotInfo> {
+    validateSnapshotRef(idOrName, 'idOrName');
+    return this.exclusive(async () => {
+      this.assertWritable();
+      const index = findByIdThenName(this._state.snapshots, idOrName);
+      const rc = await this._meta.refcountsForWrite();
+      return this._meta.writing(async () => toSnapshotInfo(await revertToSnapshotAt(this._state, rc, index)));
+    });
+  }
+
   async check(): Promise<CheckResult> {
     return this.exclusive(async () => checkImage(this._state));
   }
@@ -144,45 +163,36 @@ export class Image {
    * the end of the file and holds the image's operations until the save
    * ends. Write the vmstate at `baseOffset`, fdatasync it, then call
    * commitSave() (or abortSave()). `cancel` stops whatever writes the
-   * vmstate, should the image be closed first.
+   * vmstate, should the image be closed first. `baseOffset`: a vmstate
+   * already written there while QEMU held the image (the savevm hand-off,
+   * qcow2/handoff.ts); refused with VM_STATE when anything allocated now reaches it.
    */
-  beginSave(name: string, options: { alignment?: number; cancel?: (error: SnapshotError) => void } = {}): Promise<SaveReservation> {
+  beginSave(name: string, options: BeginSaveOptions = {}): Promise<SaveReservation> {
     validateSnapshotName(name, 'name');
     const alignment = validatePowerOfTwo(options.alignment ?? 1, 'options.alignment', 1, MAX_SAVE_ALIGNMENT_BYTES);
-    return this.holdForSave(name, alignment, options.cancel);
-  }
-
-  private async holdForSave(name: string, alignment: number, cancel: ((error: SnapshotError) => void) | undefined): Promise<SaveReservation> {
-    const { value: tx, release } = await this._ops.hold(() =>
+    const reserve = () =>
       this.started(async () => {
         this.assertWritable();
-        invariant(this._save === undefined, 'one save at a time holds the queue');
         refuseNewSnapshot(this._state.snapshots, name);
-        return SaveTransaction.begin(this._state, await this._meta.refcountsForWrite(), name, alignment);
-      }),
-    );
-    this._save = new SaveSession(tx, () => {
-      this._save = undefined;
-      release();
-    }, cancel);
-    return { baseOffset: tx.baseOffset, maxLength: tx.maxLength };
+        return SaveTransaction.begin(this._state, await this._meta.refcountsForWrite(), name, alignment, options.baseOffset);
+      });
+    return this._saves.begin(reserve, options.cancel).then((tx) => ({ baseOffset: tx.baseOffset, maxLength: tx.maxLength }));
   }
 
   /** @internal Reserves the disk space of the running save through the stream's descriptor (preallocate 'space'). */
   async preallocateSave(file: TargetFile, vmStateBytes: number, signal: AbortSignal | undefined): Promise<void> {
-    const save = this.runningSave('preallocateSave');
-    await preallocateSave(save.tx, file, vmStateBytes, signal);
+    await preallocateSave(this._saves.running('preallocateSave').tx, file, vmStateBytes, signal);
   }
 
   /** Second half of a save; resolves once the snapshot exists durably. */
   async commitSave(meta: SaveMetadata): Promise<SnapshotInfo> {
-    const save = this.runningSave('commitSave');
+    const save = this._saves.running('commitSave');
     return toSnapshotInfo(await this._meta.writing(() => save.commit(meta)));
   }
 
   /** Abandons a save: the image keeps its old meaning and, when possible, its old length. */
   async abortSave(): Promise<void> {
-    await this._save?.abort();
+    await this._saves.session?.abort();
   }
 
   /** A Writable whose bytes become the vmstate of new snapshot `name`; the snapshot exists after 'finish'. */
@@ -208,11 +218,7 @@ export class Image {
   private async shutdown(): Promise<void> {
     const closed = new SnapshotError(ErrorCode.IMAGE_CLOSED, `image '${this.path}' was closed`, { path: this.path });
     await this._exports.stopAll(closed);
-    const save = this._save;
-    if (save !== undefined && !save.ending) {
-      if (save.cancel !== undefined) save.cancel(closed);
-      else await save.abort().catch(() => undefined);
-    }
+    await this._saves.stop(closed);
     await this._ops.idle();
     const file = this._state.file as MetaFile;
     if (this._locks !== undefined) await releaseImageLocks(file, this._locks).catch(() => undefined);
@@ -228,12 +234,6 @@ export class Image {
     this.assertOpen();
     await this._meta.refresh();
     return task();
-  }
-
-  private runningSave(what: string): SaveSession {
-    const save = this._save;
-    if (save === undefined || save.ending) throw new SnapshotError(ErrorCode.EINVAL, `${what}() without a save in progress (beginSave())`);
-    return save;
   }
 
   private get _state(): ImageState {

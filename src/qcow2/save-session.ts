@@ -7,7 +7,9 @@
  * truncating the file under it.
  */
 import { ErrorCode, SnapshotError } from '../errors.js';
+import { invariant } from './fail.js';
 import type { SaveMetadata, SaveTransaction } from './image-save.js';
+import type { OperationQueue } from './operation-queue.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
 export class SaveSession {
@@ -59,5 +61,47 @@ export class SaveSession {
     if (this._released) return;
     this._released = true;
     this._release();
+  }
+}
+
+/** The one save an image may have in progress, holding the operation queue from its reservation to its end. */
+export class SaveSlot {
+  private _session: SaveSession | undefined;
+  private readonly _ops: OperationQueue;
+
+  constructor(ops: OperationQueue) {
+    this._ops = ops;
+  }
+
+  get session(): SaveSession | undefined {
+    return this._session;
+  }
+
+  /** Runs `reserve` alone in the queue, then keeps the queue held until the save commits or aborts. */
+  async begin(reserve: () => Promise<SaveTransaction>, cancel: ((error: SnapshotError) => void) | undefined): Promise<SaveTransaction> {
+    const { value: tx, release } = await this._ops.hold(async () => {
+      invariant(this._session === undefined, 'one save at a time holds the queue');
+      return reserve();
+    });
+    this._session = new SaveSession(tx, () => {
+      this._session = undefined;
+      release();
+    }, cancel);
+    return tx;
+  }
+
+  /** The save in progress, for `what` (a commit, an abort, a preallocation); EINVAL without one. */
+  running(what: string): SaveSession {
+    const save = this._session;
+    if (save === undefined || save.ending) throw new SnapshotError(ErrorCode.EINVAL, `${what}() without a save in progress (beginSave())`);
+    return save;
+  }
+
+  /** close(): a save not yet ending is stopped through its writer (which then aborts it), or aborted here. */
+  async stop(error: SnapshotError): Promise<void> {
+    const save = this._session;
+    if (save === undefined || save.ending) return;
+    if (save.cancel !== undefined) save.cancel(error);
+    else await save.abort().catch(() => undefined);
   }
 }

@@ -54,3 +54,10 @@ export function findByIdThenName(entries: readonly SnapshotEntry[], ref: string)
   if (byName >= 0) return byName;
   throw new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `no snapshot with id or name '${ref}'`);
 }
+
+/** The snapshot with id `id` (ids are unique): addresses one entry exactly. */
+export function findById(entries: readonly SnapshotEntry[], id: string): number {
+  const index = indexWhere(entries, 'idBytes', Buffer.from(id, 'utf8'));
+  if (index < 0) throw new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `no snapshot with id '${id}'`);
+  return index;
+}

@@ -1,6 +1,6 @@
 /**
  * Operations on one open Image in random interleavings: saves that stream
- * slowly, deletes, checks, exports and close(), started without waiting for
+ * slowly, deletes, reverts, checks, exports and close(), started without waiting for
  * one another. Whatever order they run in, each step must leave an image
  * that qemu-img checks clean, whose snapshot list is the one before plus the
  * saves that succeeded minus the deletes that did, and whose every vmstate
@@ -18,7 +18,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openImage, SnapshotError, type Image } from '../../src/index.js';
 import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
 import { pseudoRandom, sha256 } from '../helpers/streams.js';
-import { qemuImg } from '../helpers/tools.js';
+import { qemuImg, qemuIo } from '../helpers/tools.js';
 import { guestWrite, qemuMissing, Workdir } from './fixtures.js';
 
 const MiB = 1 << 20;
@@ -72,6 +72,7 @@ const ALLOWED: Record<string, readonly string[]> = {
   delete: ['SNAPSHOT_NOT_FOUND', 'SNAPSHOT_IN_USE', 'IMAGE_CLOSED'],
   export: ['SNAPSHOT_NOT_FOUND', 'IMAGE_CLOSED'],
   check: ['IMAGE_CLOSED'],
+  revert: ['SNAPSHOT_NOT_FOUND', 'IMAGE_CLOSED'],
 };
 
 describe.skipIf(qemuMissing)('operations on one image in any interleaving', () => {
@@ -114,6 +115,10 @@ describe.skipIf(qemuMissing)('operations on one image in any interleaving', () =
           const pool = [...existing, ...inFlight, 'never-there'];
           const name = pool[Math.floor(random() * pool.length)]!;
           launched.push(outcomeOf('delete', name, img.deleteSnapshot(name)));
+        } else if (pick < 0.68) {
+          // The disk back to a snapshot (the guest data is the same in all, so the model does not change).
+          const name = existing[Math.floor(random() * existing.length)]!;
+          launched.push(outcomeOf('revert', name, img.revertSnapshot(name)));
         } else if (pick < 0.85) {
           const name = existing[Math.floor(random() * existing.length)]!;
           launched.push(outcomeOf('export', name, exportSha(img, name).then((sha) => expect(sha, `export ${name}`).toBe(model.get(name)))));
@@ -168,4 +173,6 @@ async function expectImageMatches(path: string, model: Map<string, string>, wher
   const listed = (await qemuImg.snapshotList(path)).map((s) => s.name).sort();
   expect(listed, where).toEqual([...model.keys()].sort());
   for (const [name, sha] of model) expect(sha256(await readSnapshotVmState(path, name)), `${where}: vmstate of ${name}`).toBe(sha);
+  // Every snapshot and every revert kept the guest data written before the first round.
+  await qemuIo(path, ['read -P 0x5a 0 2M']);
 }
