@@ -12,7 +12,10 @@ import { registerDelete } from './commands/delete.js';
 import { registerDemo } from './commands/demo.js';
 import { registerExport } from './commands/export.js';
 import { registerList } from './commands/list.js';
+import { registerLoadVm } from './commands/loadvm.js';
+import { registerRevert } from './commands/revert.js';
 import { registerSave } from './commands/save.js';
+import { registerSaveVm } from './commands/savevm.js';
 import { registerWrite } from './commands/write.js';
 import type { CliContext, Register } from './context.js';
 import { ExitCode, isBrokenPipe, reportError } from './errors.js';
@@ -22,10 +25,13 @@ const COMMANDS: readonly Register[] = [
   registerSave,
   registerList,
   registerExport,
+  registerRevert,
   registerDelete,
   registerCheck,
   registerCreate,
   registerWrite,
+  registerSaveVm,
+  registerLoadVm,
   registerBench,
   registerDemo,
 ];

@@ -14,6 +14,7 @@ import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapsho
 import { checkImage, refuseInconsistent, type CheckResult } from './check.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
+import { revertToSnapshotAt } from './image-revert.js';
 import { refuseNewSnapshot, SaveTransaction, type SaveMetadata, type SaveReservation } from './image-save.js';
 import { loadImageState, loadRefcounts, openImageState, type ImageState } from './image-state.js';
 import { releaseImageLocks, type LockPlan } from './lock.js';
@@ -124,6 +125,21 @@ export class Image {
     });
   }
 
+  /**
+   * The disk back to snapshot `idOrName`, as `qemu-img snapshot -a` does:
+   * the active tables become the snapshot's, the snapshot stays. Crash-safe
+   * through the shadow commit (image-revert.ts).
+   */
+  revertSnapshot(idOrName: string): Promise<SnapshotInfo> {
+    validateSnapshotRef(idOrName, 'idOrName');
+    return this.exclusive(async () => {
+      this.assertWritable();
+      const index = requireSnapshot(this._state.snapshots, idOrName);
+      const rc = await this.consistentRefcounts();
+      return this.writing(async () => toSnapshotInfo(await revertToSnapshotAt(this._state, rc, index)));
+    });
+  }
+
   async check(): Promise<CheckResult> {
     return this.exclusive(async () => checkImage(this._state));
   }
@@ -131,16 +147,18 @@ export class Image {
   /**
    * First half of a save: checks the name, then reserves the vmstate run at
    * the end of the file. Write the vmstate at `baseOffset`, fdatasync it,
-   * then call commitSave() (or abortSave()).
+   * then call commitSave() (or abortSave()). `baseOffset`: a vmstate
+   * already written there while QEMU held the image (the savevm hand-off,
+   * qcow2/handoff.ts); refused with VM_STATE when anything allocated now reaches it.
    */
-  beginSave(name: string, options: { alignment?: number } = {}): Promise<SaveReservation> {
+  beginSave(name: string, options: { alignment?: number; baseOffset?: number } = {}): Promise<SaveReservation> {
     validateSnapshotName(name, 'name');
     const alignment = validatePowerOfTwo(options.alignment ?? 1, 'options.alignment', 1, MAX_SAVE_ALIGNMENT_BYTES);
     return this.exclusive(async () => {
       this.assertWritable();
       if (this._save !== undefined) throw new SnapshotError(ErrorCode.EINVAL, 'a save is already in progress');
       refuseNewSnapshot(this._state.snapshots, name);
-      this._save = await SaveTransaction.begin(this._state, await this.consistentRefcounts(), name, alignment);
+      this._save = await SaveTransaction.begin(this._state, await this.consistentRefcounts(), name, alignment, options.baseOffset);
       return { baseOffset: this._save.baseOffset, maxLength: this._save.maxLength };
     });
   }

@@ -9,6 +9,7 @@
 import { assert, internalError } from '../assert.js';
 import { toSnapshotError, type SnapshotError } from '../errors.js';
 import type { TargetFile } from '../io/target-file.js';
+import { DepthTuner } from './depth-tuner.js';
 
 export const FREE = 0;
 export const FILLING = 1;
@@ -23,6 +24,8 @@ export class Ring {
   private readonly _file: TargetFile;
   private readonly _state: Uint8Array;
   private readonly _logicalBytes: Float64Array; // per IN_FLIGHT buffer: stream bytes it carries (the rest is padding)
+  private readonly _submittedBytes: Float64Array; // per IN_FLIGHT buffer: bytes handed to the disk
+  private readonly _tuner: DepthTuner;
   private readonly _onOk: (() => void)[] = [];
   private readonly _onFail: ((err: unknown) => void)[] = [];
   private readonly _done: SlotDone;
@@ -44,6 +47,13 @@ export class Ring {
     }
     this._state = new Uint8Array(count);
     this._logicalBytes = new Float64Array(count);
+    this._submittedBytes = new Float64Array(count);
+    this._tuner = new DepthTuner(file);
+  }
+
+  /** Chooses how many of the writes in flight the disk sees at once. */
+  get tuner(): DepthTuner {
+    return this._tuner;
   }
 
   /** Writes submitted and not yet completed. */
@@ -77,8 +87,10 @@ export class Ring {
     assert(logicalBytes > 0 && logicalBytes <= length, 'logical bytes fit the submitted length');
     this._state[index] = IN_FLIGHT;
     this._logicalBytes[index] = logicalBytes;
+    this._submittedBytes[index] = length;
     this._inFlight++;
     assert(this._inFlight <= this._state.length, 'in flight <= buffers');
+    this._tuner.submitted(this._inFlight);
     const buffer = this.buffers[index] as Uint8Array;
     this._file
       .write(length === buffer.byteLength ? buffer : buffer.subarray(0, length), position)
@@ -92,6 +104,7 @@ export class Ring {
     if (this._state[index] !== IN_FLIGHT || this._inFlight <= 0) err ??= internalError('a completed buffer was IN_FLIGHT');
     this._state[index] = FREE;
     this._inFlight = Math.max(0, this._inFlight - 1);
+    if (err === undefined) this._tuner.completed(this._submittedBytes[index] as number, this._inFlight);
     this._done(this._logicalBytes[index] as number, err);
     if (this._inFlight === 0) {
       for (const wake of this._idleWaiters.splice(0)) wake();
