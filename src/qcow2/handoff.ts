@@ -11,7 +11,7 @@
  * change by a byte between `stop` and the end of the migration). Once QEMU
  * has handed the image over (migration completed: its write locks are
  * gone), openForCommit() takes the locks and re-reads header, L1 and
- * refcounts, and beginSave(hostOffset) verifies that nothing allocated
+ * refcounts, and beginSave(baseOffset) verifies that nothing allocated
  * reaches the vmstate before the shadow commit makes it a snapshot.
  *
  * Until that commit, the clusters written are referenced by nothing: a
@@ -47,14 +47,14 @@ export class HandoffSave {
   readonly path: string;
   readonly name: string;
   /** Where the vmstate's first byte goes. */
-  readonly hostOffset: number;
+  readonly baseOffset: number;
   readonly maxLength: number;
   private readonly _data: TargetFile;
 
-  private constructor(path: string, name: string, hostOffset: number, maxLength: number, data: TargetFile) {
+  private constructor(path: string, name: string, baseOffset: number, maxLength: number, data: TargetFile) {
     this.path = path;
     this.name = name;
-    this.hostOffset = hostOffset;
+    this.baseOffset = baseOffset;
     this.maxLength = maxLength;
     this._data = data;
   }
@@ -69,16 +69,16 @@ export class HandoffSave {
     const { end, maxLength, clusterSize } = await inspectUnlocked(path, name);
     const data = await TargetFile.open(path, { write: true, create: false, direct: options.direct, threads: STREAM_IO_THREADS });
     const step = Math.max(clusterSize, data.alignment);
-    const hostOffset = Math.ceil((end + (options.marginBytes ?? HANDOFF_MARGIN_BYTES)) / step) * step;
-    return new HandoffSave(path, name, hostOffset, maxLength, data);
+    const baseOffset = Math.ceil((end + (options.marginBytes ?? HANDOFF_MARGIN_BYTES)) / step) * step;
+    return new HandoffSave(path, name, baseOffset, maxLength, data);
   }
 
-  /** A StreamSink writing the vmstate at hostOffset; finalize only makes it durable (no metadata). */
+  /** A StreamSink writing the vmstate at baseOffset; finalize only makes it durable (no metadata). */
   sink(): StreamSink {
     const data = this._data;
     return {
       file: data,
-      baseOffset: this.hostOffset,
+      baseOffset: this.baseOffset,
       maxLength: this.maxLength,
       // fdatasync: the vmstate is durable before any metadata can point at it (commit step 1).
       finalize: async () => data.datasync(),
@@ -96,7 +96,7 @@ export class HandoffSave {
   async openForCommit(): Promise<Image> {
     const image = await openImage(this.path);
     try {
-      await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.hostOffset });
+      await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.baseOffset });
       return image;
     } catch (err) {
       await image.close().catch(() => undefined);
@@ -111,19 +111,19 @@ export class HandoffSave {
    * writes are complete and durable, so the cache holds none of these pages.
    */
   async editTail(length: number, tailBytes: number, edit: (tail: Buffer) => boolean): Promise<void> {
-    await editVmStateTail(this.path, this.hostOffset, length, tailBytes, edit);
+    await editVmStateTail(this.path, this.baseOffset, length, tailBytes, edit);
   }
 
   /**
    * After a failure, before QEMU runs again: truncates the file back to
-   * hostOffset (when it grew past it), giving back the space of the vmstate
-   * written. Everything from hostOffset on is ours; QEMU, stopped, did not
+   * baseOffset (when it grew past it), giving back the space of the vmstate
+   * written. Everything from baseOffset on is ours; QEMU, stopped, did not
    * write past the margin.
    */
   async discard(): Promise<void> {
     const size = (await this._data.stat()).size;
-    if (size <= this.hostOffset) return;
-    await this._data.truncate(this.hostOffset);
+    if (size <= this.baseOffset) return;
+    await this._data.truncate(this.baseOffset);
   }
 
   /** Closes the data descriptor. The clusters written stay unreferenced past the end; the next save reuses them. */

@@ -28,6 +28,14 @@ import { findStateSnapshot } from './live-state.js';
 import { validateCommonVmOptions } from './options.js';
 import { findGlobalState, GLOBAL_STATE_SEARCH_BYTES } from './runstate.js';
 
+/**
+ * Read-ahead for the vmstate fed to QEMU: 4 x 8 MiB in flight keeps the
+ * disk busy while QEMU parses (it consumes ~1 GB/s here, about what one
+ * O_DIRECT reader gets from the disk); 32 MiB of memory.
+ */
+const LOAD_CHUNK_BYTES = 8 << 20;
+const LOAD_READ_AHEAD = 4;
+
 /** After our last byte QEMU loads the device state and activates the disks; seconds at most. */
 const COMPLETION_TIMEOUT_MS = 60_000;
 
@@ -158,7 +166,8 @@ async function feedIncoming(
     const tail = new TailTap(snapshot.vmStateSize, (bytes) =>
       options.onProgress?.({ phase: 'stream', bytes, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started }),
     );
-    await pipeline(image.createVmStateReadStream(snapshot.id), tail, socket, { signal: options.signal });
+    const reader = image.createVmStateReadStream(snapshot.id, { chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
+    await pipeline(reader, tail, socket, { signal: options.signal });
     const final = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
       throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not accept the vmstate: migration '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}`);

@@ -296,10 +296,12 @@ describe.skipIf(qemuMissing)('qcow2 export: memory', () => {
   /**
    * Every chunk is new memory the consumer owns, and V8 frees dead chunks
    * only after ~32 MiB of them (measured here: ArrayBuffer growth peaks at
-   * 32.2 MiB whatever the read-ahead, RSS at 38-42 MiB). So the bound of the
-   * issue, readAhead x chunk + 32 MiB, is held by the ArrayBuffer memory the
-   * export allocates; RSS, which adds the allocator's and the runtime's share,
-   * gets 32 MiB more. Either would be blown by a reader that ignored backpressure.
+   * 32.2 MiB whatever the read-ahead, RSS at 38-42 MiB, and up to 8 MiB more
+   * under load). The child therefore collects every 16 MiB, so the bound of
+   * the issue, readAhead x chunk + 32 MiB, measures the ArrayBuffer memory the
+   * export keeps alive with room to spare; RSS, which adds the allocator's and
+   * the runtime's share, gets 32 MiB more. Either would be blown by a reader
+   * that ignored backpressure.
    */
   it('exports a 1 GiB vmstate within readAhead x chunk + 32 MiB of buffer memory (child process)', async () => {
     const work = await Workdir.create('export-rss');
@@ -347,7 +349,16 @@ const sample = () => {
   peakBuffers = Math.max(peakBuffers, m.arrayBuffers);
 };
 const timer = setInterval(sample, 5);
-const sink = new Writable({ write(chunk, _enc, cb) { bytes += chunk.length; sample(); setImmediate(cb); } });
+// A full collection every 16 MiB: what is measured is what the export keeps
+// alive, not how long V8 lets dead chunks lie (that varied by up to 8 MiB
+// under load and made the bound flaky).
+const GC_EVERY_BYTES = 16 << 20;
+const sink = new Writable({ write(chunk, _enc, cb) {
+  bytes += chunk.length;
+  sample();
+  if (bytes % GC_EVERY_BYTES < chunk.length) globalThis.gc();
+  setImmediate(cb);
+} });
 await pipeline(img.createVmStateReadStream('big'), sink);
 clearInterval(timer);
 sample();

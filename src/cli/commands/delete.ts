@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { openImage } from '../api.js';
 import type { CliContext } from '../context.js';
+import { refuseNonImagePath } from '../image-path.js';
 
 export function registerDelete(program: Command, ctx: CliContext): void {
   program
@@ -12,6 +13,7 @@ export function registerDelete(program: Command, ctx: CliContext): void {
     .option('-q, --quiet', 'print nothing on success')
     .action(async (image: string, name: string, flags: { quiet?: boolean }) => {
       ctx.image = image;
+      refuseNonImagePath(image);
       // From the open on, a signal waits: before the delete it stops it, once
       // started the delete (one atomic header write) completes.
       const waitForUs = ctx.interrupts.onInterrupt(() => undefined);

@@ -10,6 +10,7 @@ import type { Command } from 'commander';
 import { pipeline } from 'node:stream/promises';
 import { createSnapshotStream, ErrorCode, openImage, SnapshotError, type Image, type SnapshotInfo } from '../api.js';
 import type { CliContext } from '../context.js';
+import { refuseNonImagePath } from '../image-path.js';
 import { addQuietFlag } from '../options.js';
 import { createProgress } from '../progress.js';
 import { ByteCounter, copySequential, targetKind } from '../sequential.js';
@@ -37,6 +38,7 @@ Examples:
   );
   cmd.action(async (image: string, name: string, file: string, flags: { quiet?: boolean }) => {
     ctx.image = image;
+    refuseNonImagePath(image);
     const kind = targetKind(file);
     const started = process.hrtime.bigint();
     const img = await openImage(image, { readOnly: true });
