@@ -39,8 +39,8 @@ export function addStreamFlags(cmd: Command): Command {
         .choices(['auto', 'true', 'false'])
         .default('auto'),
     )
-    .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 (default 4M)', sizeArg)
-    .option('--buffers <n>', 'buffers in the ring, >= 2 (default 2)', countArg)
+    .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 (default 16M)', sizeArg)
+    .option('--buffers <n>', 'buffers in the ring, >= 2 (default 3)', countArg)
     .option('--expected-size <size>', 'size hint: shown as progress, and reserved with --preallocate', sizeArg);
 }
 

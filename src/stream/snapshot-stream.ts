@@ -374,7 +374,7 @@ export class SnapshotStream extends Writable {
         await this._closeSink();
       }
     }
-    this._ring?.wipe();
+    this._ring?.wipe(this._fillLen);
   }
 
   private async _closeSink(): Promise<void> {

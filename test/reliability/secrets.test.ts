@@ -168,6 +168,7 @@ describe('ring buffers', () => {
     const controller = new AbortController();
     const out = createSnapshotStream(join(await freshDir(), 'state.bin'), {
       bufferSize: BUFFER_BYTES,
+      buffers: 2,
       signal: controller.signal,
     });
     out.once('progress', () => controller.abort());
