@@ -25,6 +25,7 @@ import { formatBytes, median, MiB } from './lib/stats.js';
 import { renderSvg } from './lib/svg.js';
 import { createWorkload, PAIR_BYTES, workloadOfSize } from './lib/workload.js';
 import { TARGETS } from './targets.js';
+import { runVmBench } from './vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const REPO_DIR = dirname(BENCH_DIR);
@@ -44,6 +45,7 @@ async function main() {
   }
   if (opts.throughput) await runThroughput(opts);
   if (opts.hotPath) runHotPath(opts);
+  if (opts.vm) await runVmBench({ reps: opts.vmReps });
 }
 
 function selectCases(opts) {

@@ -112,10 +112,20 @@ export class SaveTransaction implements SaveReservation {
    * of two, e.g. the O_DIRECT alignment) may push the start past the end of
    * file; the clusters skipped stay free.
    */
-  static async begin(state: ImageState, rc: RefcountStore, name: string, alignmentBytes = 1): Promise<SaveTransaction> {
+  static async begin(state: ImageState, rc: RefcountStore, name: string, alignmentBytes = 1, atOffset?: number): Promise<SaveTransaction> {
     const { layout, header } = state;
     const step = Math.max(layout.clusterSize, alignmentBytes);
-    const baseOffset = Math.ceil((await rc.allocationEnd()) / step) * step;
+    const firstFree = Math.ceil((await rc.allocationEnd()) / step) * step;
+    // A hand-off (src/vm) wrote the vmstate at `atOffset` while QEMU still had the image: it must
+    // still lie past everything allocated now, or QEMU allocated into it meanwhile.
+    if (atOffset !== undefined && (atOffset < firstFree || atOffset % step !== 0)) {
+      throw new SnapshotError(
+        ErrorCode.VM_STATE,
+        `the image changed while the vmstate was written: clusters up to offset ${firstFree} are in use, overlapping the vmstate written at ${atOffset}; nothing was committed`,
+        { path: state.file.path, offset: atOffset },
+      );
+    }
+    const baseOffset = atOffset ?? firstFree;
     const vmIndex = layout.vmStateL1Index(header.size);
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
     const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - baseOffset));

@@ -25,6 +25,12 @@ export interface StreamSink {
    * logical end) has been written. Make it durable and meaningful.
    */
   finalize(logicalLength: number, paddedEnd: number): Promise<void>;
+  /**
+   * Optional read-modify-write of the tail: buffer[from, to) is zero padding
+   * about to be written at file offset position + from. A sink whose target
+   * has bytes of its own there fills it with them, so the padding keeps them.
+   */
+  fillTail?(buffer: Uint8Array, from: number, to: number, position: number): Promise<void>;
   /** The stream failed or was destroyed; no I/O is in flight. Undo what can be undone. */
   abort(error: Error | null): Promise<void>;
   /** Release the file and any locks; called exactly once, last. */
