@@ -101,7 +101,9 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     run.stoppedAt = performance.now();
     run.stopped = true;
     await qmp.execute('stop');
+    const stoppedMs = performance.now();
     run.taken = await takeDiskSnapshots(qmp, run.disks, run.name);
+    const snapshotsMs = performance.now();
     if (run.hooks.resumeBeforeTracking === true) await resume(run);
     await run.hooks.beforeMigrate?.();
     await qmp.execute('migrate', { uri: run.listener.uri });
@@ -111,6 +113,7 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     run.stopped = false;
     const downtimeMs = resumedAt - run.stoppedAt;
     run.downtimeMs = downtimeMs;
+    const downtimePhases = { stopMs: stoppedMs - run.stoppedAt, diskSnapshotsMs: snapshotsMs - stoppedMs, writeTrackingMs: resumedAt - snapshotsMs };
     progress(run, 'stream', 0);
     const vmStateBytes = await received;
     const final = await waitMigrationFinal(qmp, COMPLETION_TIMEOUT_MS);
@@ -127,6 +130,7 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
       name: run.name,
       live: true,
       downtimeMs,
+      downtimePhases,
       vmStateBytes,
       rateBytesPerSec: (vmStateBytes * 1000) / Math.max(1, streamMs),
       disks: run.disks.map((d) => ({ device: d.device, path: d.path, vmStateBytes: 0 })),
