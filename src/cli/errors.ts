@@ -61,6 +61,14 @@ function lockHint(message: string, image: string | undefined): string {
   return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: ${advice}`;
 }
 
+/** Who writes a raw target: OFD locks carry no pid in F_OFD_GETLK, so look through /proc/locks. */
+function targetLockHint(message: string): string {
+  const path = /'([^']+)'/.exec(message)?.[1];
+  const first = path === undefined ? undefined : findLockHolders(path)[0];
+  if (first === undefined) return 'another writer has it open; wait for it to finish';
+  return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: wait for it to finish`;
+}
+
 function readComm(pid: number): string {
   try {
     return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
@@ -89,7 +97,7 @@ function hintFor(code: string, message: string, context: ErrorContext): string |
     case ErrorCode.SAME_FILE:
       return 'a stream cannot read its own output; copy the source elsewhere first';
     case ErrorCode.TARGET_LOCKED:
-      return 'another snapstream is writing this target; wait for it to finish';
+      return targetLockHint(message);
     case ErrorCode.SNAPSHOT_DISK_ONLY:
       return `a disk-only snapshot (qemu-img snapshot -c) has no vmstate; list them with: snapstream list ${image}`;
     case ErrorCode.QCOW2_CORRUPT:

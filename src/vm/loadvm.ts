@@ -166,7 +166,7 @@ async function feedIncoming(
     const tail = new TailTap(snapshot.vmStateSize, (bytes) =>
       options.onProgress?.({ phase: 'stream', bytes, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started }),
     );
-    const reader = image.createVmStateReadStream(snapshot.id, { chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
+    const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
     await pipeline(reader, tail, socket, { signal: options.signal });
     const final = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
