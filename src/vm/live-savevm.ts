@@ -29,7 +29,8 @@ import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { inspectVm, type VmDisk } from './inspect.js';
 import { assertLiveSaveable, enableBackgroundSnapshot, vmImagePaths } from './live-inspect.js';
 import { assertNotVmImage, StateImageSave } from './live-state.js';
-import { deleteDiskSnapshots, takeDiskSnapshots, waitWriteTracking } from './live-qemu.js';
+import { LiveGuard } from './live-guard.js';
+import { deleteDiskSnapshots, qemuDiskName, takeDiskSnapshots, waitWriteTracking } from './live-qemu.js';
 import { cancelMigration, MigrationListener, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
 import { findGlobalState, findVmClockNs, GLOBAL_STATE_SEARCH_BYTES, setGlobalState } from './runstate.js';
@@ -67,6 +68,8 @@ interface LiveRun {
   /** True from our `stop` until the VM runs again. */
   stopped: boolean;
   restore: Array<() => Promise<unknown>>;
+  /** Cleans up after us if we die (kill -9) in the middle. */
+  guard: LiveGuard | undefined;
 }
 
 export async function saveVmLive(monitor: Monitor, name: string, options: SaveVmOptions, hooks: LiveHooks = {}): Promise<SaveVmResult> {
@@ -77,16 +80,19 @@ export async function saveVmLive(monitor: Monitor, name: string, options: SaveVm
   await assertNotVmImage(stateImage, await vmImagePaths(qmp));
   if (options.signal?.aborted === true) throw abortedError();
   const state = await StateImageSave.begin(stateImage, name);
-  const run: LiveRun = { monitor, name, options, hooks, disks: info.disks, state, listener: undefined, taken: [], stoppedAt: 0, downtimeMs: undefined, stopped: false, restore: [] };
+  const run: LiveRun = { monitor, name, options, hooks, disks: info.disks, state, listener: undefined, taken: [], stoppedAt: 0, downtimeMs: undefined, stopped: false, restore: [], guard: undefined };
   try {
-    if (await enableBackgroundSnapshot(qmp)) {
+    const capabilityWasOff = await enableBackgroundSnapshot(qmp);
+    if (capabilityWasOff) {
       run.restore.push(() => run.monitor.client.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] }));
     }
+    run.guard = LiveGuard.start({ socketPath: monitor.path, name, disks: info.disks.map(qemuDiskName), stateImage, capabilityWasOff });
     return await checkpoint(run);
   } finally {
     for (const undo of run.restore.reverse()) await undo().catch(() => undefined);
     await run.listener?.close().catch(() => undefined);
     await state.close().catch(() => undefined);
+    run.guard?.dismiss();
   }
 }
 
@@ -98,10 +104,15 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
   if (oldBandwidth !== undefined) run.restore.push(() => run.monitor.client.execute('migrate-set-parameters', { 'max-bandwidth': oldBandwidth }));
   await drainEvents(run, 'RESUME');
   try {
+    run.guard?.step('stopped');
+    // Before the transaction: if we die inside it, the guard finds out by trying (the name was free before).
+    run.guard?.step('taken');
     run.stoppedAt = performance.now();
     run.stopped = true;
     await qmp.execute('stop');
+    const stoppedMs = performance.now();
     run.taken = await takeDiskSnapshots(qmp, run.disks, run.name);
+    const snapshotsMs = performance.now();
     if (run.hooks.resumeBeforeTracking === true) await resume(run);
     await run.hooks.beforeMigrate?.();
     await qmp.execute('migrate', { uri: run.listener.uri });
@@ -109,8 +120,10 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     received.catch(() => undefined);
     const resumedAt = await waitWriteTracking(qmp, () => performance.now());
     run.stopped = false;
+    run.guard?.step('resumed');
     const downtimeMs = resumedAt - run.stoppedAt;
     run.downtimeMs = downtimeMs;
+    const downtimePhases = { stopMs: stoppedMs - run.stoppedAt, diskSnapshotsMs: snapshotsMs - stoppedMs, writeTrackingMs: resumedAt - snapshotsMs };
     progress(run, 'stream', 0);
     const vmStateBytes = await received;
     const final = await waitMigrationFinal(qmp, COMPLETION_TIMEOUT_MS);
@@ -127,6 +140,7 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
       name: run.name,
       live: true,
       downtimeMs,
+      downtimePhases,
       vmStateBytes,
       rateBytesPerSec: (vmStateBytes * 1000) / Math.max(1, streamMs),
       disks: run.disks.map((d) => ({ device: d.device, path: d.path, vmStateBytes: 0 })),

@@ -73,6 +73,13 @@ export interface SaveVmResult {
   status: string;
   /** A live savevm: the disks hold disk-only snapshots, the vmstate is in the state image. */
   live?: true;
+  /**
+   * A live savevm's downtime in parts: QEMU's `stop` (it flushes every disk),
+   * the disk-only snapshots (each a qcow2 metadata update and flush), and from
+   * `migrate` until write tracking is on and the VM runs (QEMU populates and
+   * write-protects the page tables of guest RAM).
+   */
+  downtimePhases?: { stopMs: number; diskSnapshotsMs: number; writeTrackingMs: number };
   stateImage?: { path: string; vmStateBytes: number; created: boolean };
 }
 

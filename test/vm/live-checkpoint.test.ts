@@ -12,11 +12,13 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { connectVm } from '../../src/index.js';
 import { saveVmLive } from '../../src/vm/live-savevm.js';
 import { Monitor } from '../../src/vm/monitor.js';
 import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
 import { qemuImg, qemuIo, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
+import { startVm, type TestVm } from './harness.js';
 import { drainEvents, holdAndWrite, pagesFound, pattern, REGION_ADDRESS, REGION_BYTES, REGION_PAGES, startLiveVm, startLoader, type LiveVm } from './live-harness.js';
 
 const skip = requireTool('qemu-system-x86_64', 'qemu-img', 'qemu-io');
@@ -50,6 +52,14 @@ async function prepare(dir: string, tag: string): Promise<{ live: LiveVm; stateI
   const overwrite = overwriteOnResume(live, second, 0xb2);
   overwrite.catch(() => undefined);
   return { live, stateImage: join(dir, `${tag}-state.qcow2`), first, second, overwrite };
+}
+
+async function waitJob(vm: TestVm, id: string): Promise<{ status: string; error?: string }> {
+  for (;;) {
+    const job = (await vm.qmp.execute<Array<{ id: string; status: string; error?: string }>>('query-jobs')).find((j) => j.id === id);
+    if (job === undefined || job.status === 'concluded') return job ?? { status: 'missing', error: 'no such job' };
+    await sleep(100);
+  }
 }
 
 async function expectClean(path: string): Promise<void> {
@@ -108,6 +118,22 @@ describe.skipIf(skip !== undefined)('live savevm: the checkpoint instant', () =>
     }
     await qemuIo(live.disk, ['read -P 0xa1 0 64k']);
     await expectClean(live.disk);
+
+    // QEMU alone restores it too: the snapshot-load job, the state image added as a node and named as vmstate.
+    await qemuIo(live.disk, ['write -P 0xc3 0 64k']);
+    const plain = await startVm({ dir: dir.path, ramMiB: RAM_MIB, disks: [{ path: live.disk }], tag: 'ok-qemu' });
+    try {
+      await plain.qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'state', file: { driver: 'file', filename: stateImage } });
+      await plain.qmp.execute('snapshot-load', { 'job-id': 'restore', tag: 'instant', vmstate: 'state', devices: ['disk0', 'state'] });
+      const job = await waitJob(plain, 'restore');
+      expect(job.error).toBeUndefined();
+      const dump = join(dir.path, 'ok-qemu-region.bin');
+      await plain.pmemsave(REGION_ADDRESS, REGION_BYTES, dump);
+      expect((await readFile(dump)).equals(first)).toBe(true);
+    } finally {
+      await plain.quit();
+    }
+    await qemuIo(live.disk, ['read -P 0xa1 0 64k']);
   });
 
   it('catches a savevm that resumes the guest before write tracking: the wrong order fails the same check', { timeout: 600_000 }, async () => {

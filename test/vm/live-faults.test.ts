@@ -7,12 +7,16 @@
  * no entry in the state image.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { spawn } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { connectVm, SnapshotError } from '../../src/index.js';
 import { skipUnlessRan, withLoopFs, loopFsSkipReason } from '../helpers/loopfs.js';
 import { makeRandomMemFile } from '../helpers/qemu.js';
 import { qemuImg, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
+import { assertBuilt, BIN } from '../cli/bin-harness.js';
+import { run } from '../helpers/tools.js';
 import { startVm, type TestVm } from './harness.js';
 import { drainEvents } from './live-harness.js';
 
@@ -177,5 +181,51 @@ describe.skipIf(skip !== undefined)('live savevm: faults leave the VM running an
     });
     skipUnlessRan(ctx, result);
     expect((await qemuImg.check(disk)).exitCode).toBe(0);
+  });
+});
+
+describe.skipIf(skip !== undefined)('live savevm: kill -9 of snapstream', () => {
+  let dir: TmpDir;
+  beforeAll(async () => {
+    dir = await tmpDir('live-kill');
+  });
+  afterAll(async () => {
+    await dir?.cleanup();
+  });
+
+  /** Processes whose command line names `needle` (the guard carries the QMP socket path in its plan). */
+  async function processesNaming(needle: string): Promise<string[]> {
+    const { stdout } = await run('ps', ['-eo', 'pid,args']);
+    return stdout.split('\n').filter((line) => line.includes(needle) && line.includes('live-guard-main'));
+  }
+
+  it('in the RAM phase: the guard process cancels, deletes the disk-only snapshot and exits; the VM runs on', { timeout: 300_000 }, async () => {
+    assertBuilt();
+    const disk = join(dir.path, 'kill.qcow2');
+    await qemuImg.create(disk, 64 << 20);
+    const stateImage = join(dir.path, 'kill-state.qcow2');
+    const vm = await startVm({ dir: dir.path, ramMiB: RAM_MIB, disks: [{ path: disk }], running: true, tag: 'kill' });
+    try {
+      await drainEvents(vm.qmp, 'RESUME');
+      const child = spawn(process.execPath, [BIN, 'savevm', '--live', '--state-image', stateImage, '--qmp', vm.snapSocket, '--quiet', 'k'], { stdio: 'ignore' });
+      const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+      // The VM runs again with its RAM write-protected: the RAM phase. Kill there.
+      await vm.qmp.waitEvent('RESUME', 240_000);
+      const during = (await vm.qmp.execute<{ status: string }>('query-migrate')).status;
+      child.kill('SIGKILL');
+      await exited;
+      expect(['setup', 'active']).toContain(during);
+      const deadline = Date.now() + 60_000;
+      while ((await qemuImg.snapshotList(disk, { forceShare: true })).length > 0 || (await processesNaming(vm.snapSocket)).length > 0) {
+        if (Date.now() > deadline) throw new Error('the guard did not clean up within 60 s');
+        await sleep(200);
+      }
+      await expectUntouched(vm, disk, true);
+      expect(['failed', 'cancelled']).toContain((await vm.qmp.execute<{ status: string }>('query-migrate')).status);
+    } finally {
+      await vm.quit();
+    }
+    expect((await qemuImg.check(disk)).exitCode).toBe(0);
+    await expectNoEntries(stateImage);
   });
 });
