@@ -54,6 +54,11 @@ function lockHint(message: string): string {
   return "stop it first, or save a running VM's state to a raw volume with 'snapstream write'";
 }
 
+/** The library's TARGET_LOCKED message names the writer where /proc tells it. */
+function targetLockHint(): string {
+  return 'another writer has it open; wait for it to finish';
+}
+
 function hintFor(code: string, message: string, context: ErrorContext): string | undefined {
   const image = context.image ?? 'IMAGE';
   switch (code) {
@@ -74,7 +79,7 @@ function hintFor(code: string, message: string, context: ErrorContext): string |
     case ErrorCode.SAME_FILE:
       return 'a stream cannot read its own output; copy the source elsewhere first';
     case ErrorCode.TARGET_LOCKED:
-      return 'another snapstream is writing this target; wait for it to finish';
+      return targetLockHint();
     case ErrorCode.SNAPSHOT_DISK_ONLY:
       return `a disk-only snapshot (qemu-img snapshot -c) has no vmstate; list them with: snapstream list ${image}`;
     case ErrorCode.QCOW2_CORRUPT:

@@ -11,7 +11,7 @@
  */
 import { ErrorCode, SnapshotError, isSnapshotError } from '../errors.js';
 import type { MetaFile } from './file.js';
-import { describeHolder, findLockHolders } from './lock-holder.js';
+import { describeHolder, findLockHolders } from '../io/lock-holder.js';
 
 export const LOCK_PERM_BASE = 100;
 export const LOCK_SHARED_BASE = 200;
