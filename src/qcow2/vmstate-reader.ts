@@ -28,7 +28,7 @@ import { MAX_BUFFER_SIZE, MAX_BUFFERS } from '../stream/options.js';
 import { validateChoice, validateInteger, validateOptionsObject } from '../validate.js';
 import type { L1Table, L2Table } from './cluster-map.js';
 import { corrupt, invariant, unsupported } from './fail.js';
-import { readL2, readSnapshotL1, type ImageState } from './image-state.js';
+import { readL2, readSnapshotL1, refuseListOnly, type ImageState } from './image-state.js';
 import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
@@ -341,6 +341,7 @@ export function createVmStateReadStream(
   entry: SnapshotEntry,
   options: ResolvedVmStateReadOptions = validateVmStateReadOptions(undefined),
 ): VmStateReadStream {
+  refuseListOnly(state, 'an export');
   if (entry.vmStateSize === 0) {
     throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot ${entry.id} '${entry.name}' is disk-only: it has no saved VM state`, {
       path: state.file.path,

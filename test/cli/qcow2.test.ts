@@ -174,7 +174,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(errLines(r)[0]).toMatch(/^snapstream: ENOENT: .*missing\.qcow2/);
   });
 
-  it('an image held by a running QEMU is IMAGE_LOCKED, naming QEMU in the hint; -U still lists it', async () => {
+  it('an image held by a running QEMU is IMAGE_LOCKED, naming QEMU; -U still lists and exports it', async () => {
     await withPausedVm({ ramMiB: 16, image }, async () => {
       const r = await runBin(['save', image, 'while-running', statePath]);
       expect(r.code).toBe(1);
@@ -183,6 +183,11 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
       expect(lines[1]).toMatch(/^hint: stop it first/);
       const list = await runBin(['list', image, '-U', '--json']);
       expect(list.code, list.stderr).toBe(0);
+      // export -U reads a snapshot of an image the running VM holds, as qemu-img -U reads it.
+      expect((await runBin(['export', image, 'snap1', '-'])).code).toBe(1);
+      const exported = await runBin(['export', '-U', image, 'snap1', '-']);
+      expect(exported.code, exported.stderr).toBe(0);
+      expect(sha256(exported.stdout)).toBe(sha256(state));
       expect((JSON.parse(list.stdout.toString()) as Array<{ name: string }>).map((s) => s.name)).toEqual(['snap1']);
     });
     expect((await qemuImg.snapshotList(image)).map((s) => s.name)).toEqual(['snap1']);

@@ -110,6 +110,34 @@ describe.skipIf(vmMissing)('locking against a running QEMU', () => {
     await img.close();
   });
 
+  it('reads an image a running QEMU holds with { readOnly: true, forceShare: true }, as qemu-img -U does', async () => {
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    const { pipeline } = await import('node:stream/promises');
+    const { fromChunks, pseudoRandom, sha256 } = await import('../helpers/streams.js');
+    const path = await work.image({ sizeBytes: 16 << 20 });
+    const vmstate = pseudoRandom(700_001, 12);
+    const writer = await openImage(path);
+    try {
+      await pipeline(fromChunks([vmstate]), writer.createSnapshotStream('before-boot'));
+    } finally {
+      await writer.close();
+    }
+    await withPausedVm({ ramMiB: 32, image: path }, async () => {
+      await expect(openImage(path, { readOnly: true })).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+      const img = await openImage(path, { readOnly: true, forceShare: true });
+      try {
+        expect(img.snapshots().map((s) => s.name)).toEqual(['before-boot']);
+        const chunks: Buffer[] = [];
+        for await (const chunk of img.createVmStateReadStream('before-boot')) chunks.push(chunk as Buffer);
+        expect(sha256(chunks)).toBe(sha256(vmstate));
+        await expect(img.deleteSnapshot('before-boot')).rejects.toMatchObject({ code: 'IMAGE_READ_ONLY' });
+      } finally {
+        await img.close();
+      }
+      expect((await qemuImg.snapshotList(path, { forceShare: true })).map((s) => s.name)).toEqual(['before-boot']);
+    });
+  });
+
   it('makes QEMU refuse to start on an image snapstream holds for writing', async () => {
     const { startPausedVm } = await import('../helpers/qemu.js');
     const path = await work.image({ sizeBytes: 16 << 20 });

@@ -23,20 +23,22 @@ export function registerExport(program: Command, ctx: CliContext): void {
     .description("write a snapshot's saved vmstate to a file, a device or stdout")
     .argument('<IMAGE>', 'qcow2 image')
     .argument('<NAME>', 'snapshot name (as loadvm takes it)')
-    .argument('[FILE]', "destination; '-' or nothing is stdout", STDIO);
+    .argument('[FILE]', "destination; '-' or nothing is stdout", STDIO)
+    .option('-U, --force-share', "read without QEMU's image lock, like qemu-img -U (a running VM may change the image meanwhile)");
   addQuietFlag(cmd).addHelpText(
     'after',
     `
 Examples:
   snapstream export disk.qcow2 snap1 state.bin
-  snapstream export disk.qcow2 snap1 - | sha256sum`,
+  snapstream export disk.qcow2 snap1 - | sha256sum
+  snapstream export -U running-vm.qcow2 snap1 state.bin`,
   );
-  cmd.action(async (image: string, name: string, file: string, flags: { quiet?: boolean }) => {
+  cmd.action(async (image: string, name: string, file: string, flags: { quiet?: boolean; forceShare?: boolean }) => {
     ctx.image = image;
     refuseNonImagePath(image);
     const kind = targetKind(file);
     const started = process.hrtime.bigint();
-    const img = await openImage(image, { readOnly: true });
+    const img = await openImage(image, { readOnly: true, forceShare: flags.forceShare === true });
     let bytes: number;
     let entry: SnapshotInfo | undefined;
     try {
