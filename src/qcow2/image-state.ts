@@ -2,6 +2,7 @@
  * What an open image knows about itself, loaded and validated in one place
  * (open), and the small metadata walks shared by save, delete and check.
  */
+import { ErrorCode, SnapshotError } from '../errors.js';
 import { corrupt } from './fail.js';
 import { acquireImageLocks, READER_LOCKS, WRITER_LOCKS, type LockPlan } from './lock.js';
 import { readExact, type MetaFile } from './file.js';
@@ -106,9 +107,11 @@ export async function openImageState(
   if (locks !== undefined) await acquireImageLocks(file, locks);
   const state = await loadImageState(file);
   if (state.dirty && !config.readOnly) {
-    throw corrupt(
-      'the dirty bit is set (lazy refcounts were not written back); refusing to write. ' +
-        'Repair with `qemu-img check -r all`',
+    // Not corrupt: QEMU with lazy refcounts sets it while running and rebuilds the refcounts on repair.
+    throw new SnapshotError(
+      ErrorCode.IMAGE_DIRTY,
+      `image '${file.path}' is dirty: its lazy refcounts were not written back (QEMU stopped without closing it), ` +
+        `so they cannot be trusted for a write. Repair it with \`qemu-img check -r all ${file.path}\`; reading works as it is`,
       { path: file.path, offset: 72 },
     );
   }

@@ -18,7 +18,7 @@
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
-import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef } from '../validate.js';
+import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef, type PathLike } from '../validate.js';
 import { checkImage, type CheckResult } from './check.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
@@ -251,7 +251,7 @@ export class Image {
   }
 }
 
-export function openImage(path: string, options?: OpenImageOptions): Promise<Image> {
+export function openImage(path: PathLike, options?: OpenImageOptions): Promise<Image> {
   return Image.open(validatePath(path, 'path'), validateOpenImageOptions(options));
 }
 

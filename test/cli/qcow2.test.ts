@@ -179,8 +179,8 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
       const r = await runBin(['save', image, 'while-running', statePath]);
       expect(r.code).toBe(1);
       const lines = errLines(r);
-      expect(lines[0]).toMatch(/^snapstream: IMAGE_LOCKED: /);
-      expect(lines[1]).toMatch(/^hint: held by qemu-system-x86 \(pid \d+\), a running QEMU: stop it first/);
+      expect(lines[0]).toMatch(/^snapstream: IMAGE_LOCKED: image '.+' is locked: process \d+ \(qemu-system-x86, a running QEMU\)/);
+      expect(lines[1]).toMatch(/^hint: stop it first/);
       const list = await runBin(['list', image, '-U', '--json']);
       expect(list.code, list.stderr).toBe(0);
       expect((JSON.parse(list.stdout.toString()) as Array<{ name: string }>).map((s) => s.name)).toEqual(['snap1']);

@@ -63,7 +63,6 @@ describe.skipIf(qemuMissing)('qcow2 header: decode, encode, validate', () => {
   });
 
   const corruptions: Array<[string, (path: string) => Promise<void>, RegExp]> = [
-    ['bad magic', (p) => patchBytes(p, 0, be32(0x12345678)), /magic/],
     ['version 4', (p) => patchBytes(p, 4, be32(4)), /version 4/],
     ['cluster_bits 22', (p) => patchBytes(p, 20, be32(22)), /cluster_bits/],
     ['cluster_bits 8', (p) => patchBytes(p, 20, be32(8)), /cluster_bits/],
@@ -118,8 +117,11 @@ describe.skipIf(qemuMissing)('qcow2 header: decode, encode, validate', () => {
     await guestWrite(path, 'write -P 1 0 64k');
     await patchBytes(path, 72, be64(1n));
     const err = await refusal(path);
-    expect(err.code).toBe('QCOW2_CORRUPT');
-    expect(err.message).toMatch(/dirty.*qemu-img check -r all/);
+    // Dirty is not corrupt: a repair rebuilds the refcounts, and reading is safe meanwhile.
+    expect(err.code).toBe('IMAGE_DIRTY');
+    expect(err.message).toMatch(/is dirty: its lazy refcounts were not written back.*qemu-img check -r all .*img/);
+    const check = await qemuImg.check(path);
+    expect(check.exitCode, 'qemu-img check does not call it corrupt either').not.toBe(2);
     const img = await openImage(path, { readOnly: true });
     expect(img.snapshots()).toEqual([]);
     await img.close();
@@ -127,7 +129,26 @@ describe.skipIf(qemuMissing)('qcow2 header: decode, encode, validate', () => {
 
   it('refuses a file too short to hold a header', async () => {
     const path = work.path('short');
-    await writeFile(path, Buffer.from('QFI'));
+    await writeFile(path, Buffer.from('QFI\xfb\0\0\0\x03', 'latin1'));
     expect((await refusal(path)).code).toBe('QCOW2_CORRUPT');
+  });
+
+  it('says NOT_QCOW2, not corrupt, for a raw disk, a 3-byte file and an empty file', async () => {
+    for (const [what, bytes] of [
+      ['raw', Buffer.alloc(1 << 20, 0xeb)],
+      ['three', Buffer.from('QFI')],
+      ['empty', Buffer.alloc(0)],
+    ] as const) {
+      const path = work.path(what);
+      await writeFile(path, bytes);
+      for (const options of [{}, { readOnly: true }]) {
+        const err = await refusal(path, options);
+        expect(err.code, what).toBe('NOT_QCOW2');
+        expect(err.message).toMatch(/^not a qcow2 image: /);
+      }
+    }
+    const patched = await work.image({ sizeBytes: 1 << 20 });
+    await patchBytes(patched, 0, be32(0x12345678));
+    expect((await refusal(patched)).message).toMatch(/not the qcow2 magic/);
   });
 });
