@@ -17,6 +17,7 @@ async function main(): Promise<void> {
   const steps = new Set<string>();
   let input = '';
   process.stdin.setEncoding('utf8');
+  process.stdout.write('ready\n');
   for await (const chunk of process.stdin) {
     input += chunk as string;
     for (const line of input.split('\n').slice(0, -1)) steps.add(line.trim());

@@ -27,6 +27,9 @@ export interface GuardPlan {
 
 export type GuardStep = 'stopped' | 'taken' | 'resumed';
 
+/** Node starts in ~0.1 s; on a loaded host give it more, then go on without waiting. */
+const GUARD_READY_TIMEOUT_MS = 5_000;
+
 const MAIN = fileURLToPath(new URL('./live-guard-main.js', import.meta.url));
 
 export class LiveGuard {
@@ -36,12 +39,26 @@ export class LiveGuard {
     this._child = child;
   }
 
-  static start(plan: GuardPlan): LiveGuard {
+  /**
+   * Starts the guard and waits until it is up (it says `ready`), so that its
+   * start-up (tens of ms of CPU) does not fall into the VM's downtime.
+   */
+  static async start(plan: GuardPlan): Promise<LiveGuard> {
     if (!existsSync(MAIN)) return new LiveGuard(undefined);
     // Detached, in its own session: a kill of our process group leaves it alive to clean up.
-    const child = spawn(process.execPath, [MAIN, JSON.stringify(plan)], { detached: true, stdio: ['pipe', 'ignore', 'ignore'] });
+    const child = spawn(process.execPath, [MAIN, JSON.stringify(plan)], { detached: true, stdio: ['pipe', 'pipe', 'ignore'] });
     child.on('error', () => undefined);
     child.stdin?.on('error', () => undefined);
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, GUARD_READY_TIMEOUT_MS);
+      const done = (): void => {
+        clearTimeout(timer);
+        resolve();
+      };
+      child.stdout?.once('data', done);
+      child.once('exit', done);
+    });
+    child.stdout?.destroy();
     child.unref();
     return new LiveGuard(child);
   }

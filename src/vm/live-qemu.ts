@@ -16,6 +16,12 @@ import type { QmpClient } from './qmp.js';
  * far above that, for a loaded host.
  */
 export const TRACKING_TIMEOUT_MS = 60_000;
+/**
+ * `stop` and the disk snapshots flush every disk; on a shared, loaded disk
+ * one flush took seconds here. QMP's default 10 s bound would give up on a
+ * command QEMU still completes.
+ */
+export const FLUSH_TIMEOUT_MS = 120_000;
 /** query-migrate poll while waiting for tracking: small against the downtime we measure. */
 const TRACKING_POLL_MS = 1;
 
@@ -27,7 +33,7 @@ export function qemuDiskName(disk: VmDisk): string {
 /** One transaction: every disk gets its disk-only snapshot `name`, or none does (QEMU rolls back). */
 export async function takeDiskSnapshots(qmp: QmpClient, disks: readonly VmDisk[], name: string): Promise<VmDisk[]> {
   const actions = disks.map((disk) => ({ type: 'blockdev-snapshot-internal-sync', data: { device: qemuDiskName(disk), name } }));
-  await qmp.execute('transaction', { actions });
+  await qmp.execute('transaction', { actions }, { timeoutMs: FLUSH_TIMEOUT_MS });
   return [...disks];
 }
 

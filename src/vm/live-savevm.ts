@@ -30,7 +30,7 @@ import { inspectVm, type VmDisk } from './inspect.js';
 import { assertLiveSaveable, enableBackgroundSnapshot, vmImagePaths } from './live-inspect.js';
 import { assertNotVmImage, StateImageSave } from './live-state.js';
 import { LiveGuard } from './live-guard.js';
-import { deleteDiskSnapshots, qemuDiskName, takeDiskSnapshots, waitWriteTracking } from './live-qemu.js';
+import { deleteDiskSnapshots, FLUSH_TIMEOUT_MS, qemuDiskName, takeDiskSnapshots, waitWriteTracking } from './live-qemu.js';
 import { cancelMigration, MigrationListener, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
 import { findGlobalState, findVmClockNs, GLOBAL_STATE_SEARCH_BYTES, setGlobalState } from './runstate.js';
@@ -68,6 +68,8 @@ interface LiveRun {
   /** True from our `stop` until the VM runs again. */
   stopped: boolean;
   restore: Array<() => Promise<unknown>>;
+  /** Why receiving the stream failed, once it has. */
+  streamError?: unknown;
   /** Cleans up after us if we die (kill -9) in the middle. */
   guard: LiveGuard | undefined;
 }
@@ -86,7 +88,7 @@ export async function saveVmLive(monitor: Monitor, name: string, options: SaveVm
     if (capabilityWasOff) {
       run.restore.push(() => run.monitor.client.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] }));
     }
-    run.guard = LiveGuard.start({ socketPath: monitor.path, name, disks: info.disks.map(qemuDiskName), stateImage, capabilityWasOff });
+    run.guard = await LiveGuard.start({ socketPath: monitor.path, name, disks: info.disks.map(qemuDiskName), stateImage, capabilityWasOff });
     return await checkpoint(run);
   } finally {
     for (const undo of run.restore.reverse()) await undo().catch(() => undefined);
@@ -109,7 +111,7 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     run.guard?.step('taken');
     run.stoppedAt = performance.now();
     run.stopped = true;
-    await qmp.execute('stop');
+    await qmp.execute('stop', undefined, { timeoutMs: FLUSH_TIMEOUT_MS });
     const stoppedMs = performance.now();
     run.taken = await takeDiskSnapshots(qmp, run.disks, run.name);
     const snapshotsMs = performance.now();
@@ -117,7 +119,9 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     await run.hooks.beforeMigrate?.();
     await qmp.execute('migrate', { uri: run.listener.uri });
     const received = receiveStream(run);
-    received.catch(() => undefined);
+    received.catch((err: unknown) => {
+      run.streamError = err;
+    });
     const resumedAt = await waitWriteTracking(qmp, () => performance.now());
     run.stopped = false;
     run.guard?.step('resumed');
@@ -148,7 +152,8 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
       status,
     };
   } catch (err) {
-    throw await undo(run, toSnapshotError(err));
+    // The stream's own failure (ENOSPC, an abort) is the cause; QEMU's failed migration only follows from it.
+    throw await undo(run, toSnapshotError(run.streamError ?? err));
   }
 }
 

@@ -150,7 +150,7 @@ describe.skipIf(skip !== undefined)('live savevm: faults leave the VM running an
       });
       const error = await liveSave(vm, 'c', stateImage);
       expect(['setup', 'active']).toContain(await cancel);
-      expect(error.code).toBe('MIGRATION_FAILED');
+      expect(error.code, error.message).toBe('MIGRATION_FAILED');
       await expectUntouched(vm, disk, true);
     } finally {
       await vm.quit();
