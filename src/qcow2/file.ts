@@ -11,6 +11,8 @@ export interface MetaFile {
   write(buffer: Uint8Array, position: number): Promise<void>;
   datasync(): Promise<void>;
   truncate(length: number): Promise<void>;
+  /** fallocate(2); `mode` is a mask of FALLOC_FL_* (discard.ts punches freed clusters with it). */
+  allocate(position: number, length: number, mode: number): Promise<void>;
   stat(): Promise<{ size: number }>;
   getLock(start: number, length: number, kind: 'read' | 'write'): Promise<{ type: 'read' | 'write'; pid: number } | null>;
   setLock(start: number, length: number, kind: 'read' | 'write' | 'unlock'): Promise<void>;
