@@ -38,6 +38,22 @@ export class SubmitQueue {
     );
   }
 
+  /**
+   * Like submit(), for a buffer whose bytes go to several places (`pieces`,
+   * in order): one queue slot, written piece by piece, `done` once.
+   */
+  submitPieces(buffer: Uint8Array, pieces: ReadonlyArray<{ from: number; to: number; position: number }>, done: WriteDone): void {
+    const file = this._file;
+    this._queue
+      .add(async () => {
+        for (const p of pieces) await file.write(buffer.subarray(p.from, p.to), p.position);
+      })
+      .then(
+        () => done(undefined),
+        (err: unknown) => done(toSnapshotError(err)),
+      );
+  }
+
   /** Resolves when nothing is queued or running. */
   async drain(): Promise<void> {
     await this._queue.onIdle();

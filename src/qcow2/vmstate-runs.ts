@@ -19,19 +19,13 @@
 import type { ByteExtent, ClusterRun } from './allocator.js';
 import { invariant } from './fail.js';
 import type { Layout } from './layout.js';
+import type { WritePiece } from '../stream/sink.js';
 
 /** One stretch of the vmstate: logical bytes [logical, logical + length) at host offset `offset`. */
 export interface VmStateExtent {
   logical: number;
   offset: number;
   length: number;
-}
-
-/** A piece of one buffer write: buffer bytes [from, to) go to host offset `position`. */
-export interface WritePiece {
-  from: number;
-  to: number;
-  position: number;
 }
 
 export interface VmStatePlanOptions {

@@ -294,17 +294,17 @@ export class SnapshotStream extends Writable {
     const index = this._fill;
     ring.markInFlight(index);
     this._slotBytes[index] = this._fillLen;
-    const position = sink.baseOffset + this._submittedEnd;
+    // A sink spread over several runs says where each buffer goes (once per buffer, not per write).
+    const position = sink.place === undefined ? sink.baseOffset + this._submittedEnd : sink.place(this._submittedEnd, length);
     this._submittedEnd += length;
     this._fill = -1;
     this._fillLen = 0;
     this._inFlight++;
     const buffer = ring.buffers[index] as Uint8Array;
-    (this._queue as SubmitQueue).submit(
-      length === buffer.byteLength ? buffer : buffer.subarray(0, length),
-      position,
-      this._slotDone[index] as (err: SnapshotError | undefined) => void,
-    );
+    const data = length === buffer.byteLength ? buffer : buffer.subarray(0, length);
+    const done = this._slotDone[index] as (err: SnapshotError | undefined) => void;
+    if (typeof position === 'number') (this._queue as SubmitQueue).submit(data, position, done);
+    else (this._queue as SubmitQueue).submitPieces(data, position, done);
   }
 
   private _onWritten(index: number, err: SnapshotError | undefined): void {
