@@ -97,6 +97,7 @@ export class ClusterAllocator {
   private _endCluster: number;
   /** Every run handed out, in order. */
   private readonly _taken: ClusterRun[] = [];
+  private readonly _endOnly: boolean;
 
   constructor(layout: Layout, freeRuns: readonly ClusterRun[], endCluster: number, options: AllocatorOptions = {}) {
     invariant(Number.isSafeInteger(endCluster) && endCluster >= 1, 'allocation end past the header');
@@ -105,7 +106,8 @@ export class ClusterAllocator {
     const inside = freeRuns
       .map((r) => ({ first: r.first, count: Math.min(r.count, endCluster - r.first) }))
       .filter((r) => r.count > 0 && r.first >= 1);
-    this._runs = options.endOnly === true ? [] : subtractExtents(inside, options.exclude ?? [], layout);
+    this._runs = subtractExtents(inside, options.exclude ?? [], layout);
+    this._endOnly = options.endOnly === true;
     // Excluded clusters past the end are skipped over rather than handed out.
     for (const e of options.exclude ?? []) {
       if (e.length > 0) this._endCluster = Math.max(this._endCluster, layout.clusterIndex(e.offset + e.length - 1) + 1);
@@ -118,8 +120,7 @@ export class ClusterAllocator {
   /** Takes the committed free runs below `endOffset` from `rc`. */
   static async fromRefcounts(rc: RefcountView, endOffset: number, options: AllocatorOptions = {}): Promise<ClusterAllocator> {
     const endCluster = rc.layout.clustersFor(endOffset);
-    const runs = options.endOnly === true ? [] : await findFreeRuns(rc, endCluster);
-    return new ClusterAllocator(rc.layout, runs, endCluster, options);
+    return new ClusterAllocator(rc.layout, await findFreeRuns(rc, endCluster), endCluster, options);
   }
 
   /** Byte offset past the last cluster that is in use or handed out. */
@@ -142,7 +143,7 @@ export class ClusterAllocator {
    */
   allocClusters(count: number): number {
     invariant(Number.isSafeInteger(count) && count >= 1, `cluster count ${count}`);
-    const i = this._runs.findIndex((r) => r.count >= count);
+    const i = this._endOnly ? -1 : this._runs.findIndex((r) => r.count >= count);
     if (i < 0) return this.takeAtEnd(count);
     const run = this._runs[i]!;
     const first = run.first;
@@ -195,7 +196,7 @@ export class ClusterAllocator {
     const first = this._endCluster;
     // A free run that ends at the end is extended rather than skipped, as QEMU does.
     const last = this._runs[this._runs.length - 1];
-    if (last !== undefined && last.first + last.count === first) {
+    if (!this._endOnly && last !== undefined && last.first + last.count === first) {
       this._runs.pop();
       this._endCluster = last.first + count;
       this._taken.push({ first: last.first, count });

@@ -5,13 +5,14 @@
  *
  * Operations are serialised: one runs at a time, in call order.
  */
-import { ErrorCode, SnapshotError } from '../errors.js';
+import { ErrorCode, isSnapshotError, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
-import { validateStreamOptions, type ResolvedStreamOptions, type StreamOptions } from '../options.js';
+import { DEFAULT_BUFFER_SIZE, validateStreamOptions, type ResolvedStreamOptions, type StreamOptions } from '../options.js';
 import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from '../stream/sink.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { checkImage, type CheckResult } from './check.js';
+import { scrubFreeSpace, spaceReport } from './space.js';
 import { corrupt } from './fail.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
@@ -136,7 +137,9 @@ export class Image {
           { path, offset: 72 },
         );
       }
-      return new Image(path, readOnly, state, locks);
+      const image = new Image(path, readOnly, state, locks);
+      if (!readOnly) await image.scrubFreeSpace();
+      return image;
     } catch (err) {
       await file.close().catch(() => undefined);
       if (err instanceof SnapshotError && err.path === undefined) Object.assign(err, { path });
@@ -181,8 +184,10 @@ export class Image {
       const index = findSnapshot(this._state.snapshots, idOrName);
       if (index < 0) throw notFound(idOrName);
       await this.assertConsistent();
+      // A save streaming meanwhile keeps its runs and its tail.
+      const keep = { extents: this._save?.heldExtents() ?? [], endOffset: this._save?.heldEndOffset ?? 0 };
       try {
-        return toInfo(await deleteSnapshotAt(this._state, index));
+        return toInfo(await deleteSnapshotAt(this._state, index, keep));
       } catch (err) {
         this._stale = true;
         throw err;
@@ -190,8 +195,9 @@ export class Image {
     });
   }
 
+  /** qemu-img check's figures, and the space report (space.ts). */
   async check(): Promise<CheckResult> {
-    return this.exclusive(async () => checkImage(this._state));
+    return this.exclusive(async () => ({ ...(await checkImage(this._state)), space: await spaceReport(this._state) }));
   }
 
   /**
@@ -199,7 +205,7 @@ export class Image {
    * the end of the file. Write the vmstate at `hostOffset`, fdatasync it,
    * then call commitSave() (or abortSave()).
    */
-  beginSave(name: string, options: { alignment?: number } = {}): Promise<SaveReservation> {
+  beginSave(name: string, options: { alignment?: number; chunkBytes?: number; expectedBytes?: number } = {}): Promise<SaveReservation> {
     validateNewSnapshotName(name);
     const alignment = options.alignment ?? 1;
     if (!Number.isInteger(alignment) || alignment < 1 || alignment > 1 << 20 || (alignment & (alignment - 1)) !== 0) {
@@ -217,7 +223,11 @@ export class Image {
         throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the snapshot table would exceed QEMU's limit of ${QCOW_MAX_SNAPSHOTS_SIZE_BYTES} bytes`);
       }
       await this.assertConsistent();
-      this._save = await SaveTransaction.begin(this._state, name, alignment);
+      this._save = await SaveTransaction.begin(this._state, name, {
+        alignmentBytes: alignment,
+        chunkBytes: options.chunkBytes,
+        expectedBytes: options.expectedBytes,
+      });
       return { hostOffset: this._save.hostOffset, maxLength: this._save.maxLength };
     });
   }
@@ -256,21 +266,30 @@ export class Image {
    */
   async openSnapshotSink(
     name: string,
-    options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'> & Partial<Pick<ResolvedStreamOptions, 'preallocate' | 'expectedSize' | 'signal'>>,
+    options: Pick<ResolvedStreamOptions, 'direct' | 'vmClockNs'> &
+      Partial<Pick<ResolvedStreamOptions, 'preallocate' | 'expectedSize' | 'signal' | 'bufferSize'>>,
   ): Promise<StreamSink> {
     const data = await TargetFile.open(this.path, { write: true, create: false, direct: options.direct, threads: STREAM_IO_THREADS });
     let reservation: SaveReservation;
     try {
-      reservation = await this.beginSave(name, { alignment: data.alignment });
+      // The stream's buffer size: free runs holding at least one buffer are reused for the vmstate.
+      reservation = await this.beginSave(name, {
+        alignment: data.alignment,
+        chunkBytes: options.bufferSize ?? DEFAULT_BUFFER_SIZE,
+        expectedBytes: options.expectedSize,
+      });
     } catch (err) {
       await data.close().catch(() => undefined);
       throw err;
     }
+    const save = this._save!;
     if (options.preallocate === 'space' && options.expectedSize !== undefined && options.expectedSize > 0) {
       try {
-        const bytes = this._save!.reservationBytes(options.expectedSize);
-        // On failure the file is truncated back to its length at open: nothing was written.
-        await reserveSpace(data, reservation.hostOffset, bytes, { signal: options.signal });
+        // Free runs inside the file (punched) and the end: ENOSPC here, before the first byte.
+        // On failure abortSave() discards and truncates back to the length at open: nothing was written.
+        for (const e of save.reservationExtents(options.expectedSize)) {
+          await reserveSpace(data, e.offset, e.length, { signal: options.signal });
+        }
       } catch (err) {
         await this.abortSave().catch(() => undefined);
         await data.close().catch(() => undefined);
@@ -281,6 +300,7 @@ export class Image {
       file: data,
       baseOffset: reservation.hostOffset,
       maxLength: reservation.maxLength,
+      place: (logical, length) => save.place(logical, length),
       finalize: async (logicalLength) => {
         // fdatasync: the vmstate is durable before any metadata can point at it (commit step 1).
         await data.datasync();
@@ -344,6 +364,22 @@ export class Image {
         'refusing to write. Inspect with `qemu-img check`, repair with `qemu-img check -r all`',
       { path: this.path },
     );
+  }
+
+  /**
+   * At a write-open: free clusters that still hold bytes (a crash between a
+   * commit and its discard, or during a save's data phase) are discarded,
+   * and the unreferenced tail is cut. Only on an image that checks
+   * consistent: an inconsistent one is refused at its first write instead.
+   */
+  private async scrubFreeSpace(): Promise<void> {
+    try {
+      await this.assertConsistent();
+    } catch (err) {
+      if (isSnapshotError(err, ErrorCode.QCOW2_CORRUPT) || isSnapshotError(err, ErrorCode.QCOW2_UNSUPPORTED)) return;
+      throw err;
+    }
+    await scrubFreeSpace(this._state);
   }
 
   private assertOpen(): void {

@@ -24,7 +24,8 @@ import { invariant } from './fail.js';
 import type { Qcow2Header } from './header.js';
 import type { ImageState } from './image-state.js';
 import { forEachReachedTable } from './reach.js';
-import type { EndAllocator, RefcountStore } from './refcount.js';
+import type { ClusterAllocator } from './allocator.js';
+import type { RefcountStore } from './refcount.js';
 
 /** Byte offset of l1_size, the first of the header fields the commit replaces (qcow2.txt "Header"). */
 export const HEADER_POINTERS_OFFSET = 36;
@@ -77,7 +78,7 @@ export interface ActiveShadow {
  * refcounts of the L1 and of the tables replaced here change only clusters
  * that are not L2 tables or data.
  */
-export async function shadowActiveTables(state: ImageState, rc: RefcountStore, alloc: EndAllocator): Promise<ActiveShadow> {
+export async function shadowActiveTables(state: ImageState, rc: RefcountStore, alloc: ClusterAllocator): Promise<ActiveShadow> {
   const { layout, l1, header } = state;
   const next = new L1Table(Buffer.from(l1.bytes), layout);
   const writes: FreshWrite[] = [];

@@ -30,8 +30,8 @@ export interface SpaceReport {
   freeDataBytes: number;
   /** Bytes past the image end: unreferenced clusters after the last one in use. */
   pastEndBytes: number;
-  /** Of pastEndBytes, those that are not all zero. */
-  pastEndDataBytes: number;
+  /** Of pastEndBytes, those that are not all zero (not scanned on a block device: undefined). */
+  pastEndDataBytes: number | undefined;
 }
 
 /** Loads the committed refcounts of the image as the header names them. */
@@ -72,14 +72,15 @@ function warnDiscard(state: ImageState, err: unknown): void {
 export async function reclaim(state: ImageState, rc: RefcountStore, freed: readonly ByteExtent[], keepEndOffset = 0): Promise<void> {
   try {
     const end = Math.max(await rc.allocationEnd(), keepEndOffset);
-    const discarder = new Discarder(state.file);
-    await discarder.discard(freed, Math.min(end, state.fileSizeBytes));
-    if (state.fileSizeBytes > end) {
+    const device = state.file.isBlockDevice === true;
+    await new Discarder(state.file).discard(freed, device ? state.fileSizeBytes : Math.min(end, state.fileSizeBytes));
+    if (!device && state.fileSizeBytes > end) {
       await state.file.truncate(end);
       state.fileSizeBytes = end;
     }
-    // fdatasync: the holes and the shorter length are durable; before that a crash leaves free clusters with old bytes.
-    await state.file.datasync();
+    // No fdatasync: the filesystem's journal makes holes and length durable within seconds, and a
+    // crash before that leaves only free clusters with old bytes, which the next write-open discards.
+    // (One sync per save costs more than the rest of a small save; see test/qcow2/save.test.ts.)
   } catch (err) {
     warnDiscard(state, err);
   }
@@ -96,13 +97,11 @@ export async function scrubFreeSpace(state: ImageState): Promise<number> {
   const discarder = new Discarder(state.file);
   // Punching an existing hole is a cheap no-op; zeroing is a write, so only where bytes remain.
   const bytes = state.file.isBlockDevice === true ? await discarder.scrub(free, end) : await discarder.discard(free, end);
-  const cut = state.fileSizeBytes > end && state.file.isBlockDevice !== true;
-  if (cut) {
+  if (state.fileSizeBytes > end && state.file.isBlockDevice !== true) {
     await state.file.truncate(end);
     state.fileSizeBytes = end;
   }
-  // fdatasync: the discards and the shorter length are durable.
-  if (bytes > 0 || cut) await state.file.datasync();
+  // No fdatasync, as in reclaim(): a crash before the journal commits only leaves what this repeats next time.
   return bytes;
 }
 
@@ -123,7 +122,8 @@ export async function spaceReport(state: ImageState): Promise<SpaceReport> {
     freeBytes: sum(free, end),
     freeDataBytes: sum(await findNonZero(file, free, end), end),
     pastEndBytes: Math.max(0, length - end),
-    pastEndDataBytes: sum(await findNonZero(file, pastEnd, length), length),
+    // A device's space past the image is the rest of the device, not the image's: not read.
+    pastEndDataBytes: file.isBlockDevice === true ? undefined : sum(await findNonZero(file, pastEnd, length), length),
   };
 }
 
@@ -134,6 +134,6 @@ export async function allocatorFor(
 ): Promise<{ alloc: ClusterAllocator; committedFree: ClusterRun[]; endOffset: number }> {
   const endOffset = await rc.allocationEnd();
   const committedFree = await findFreeRuns(rc, rc.layout.clustersFor(endOffset));
-  const alloc = new ClusterAllocator(rc.layout, options.endOnly === true ? [] : committedFree, rc.layout.clustersFor(endOffset), options);
+  const alloc = new ClusterAllocator(rc.layout, committedFree, rc.layout.clustersFor(endOffset), options);
   return { alloc, committedFree, endOffset };
 }

@@ -122,6 +122,7 @@ describe.skipIf(qemuMissing)('no remanence of a deleted vmstate', { timeout: 120
     await qemuImg.create(image, 64 * MiB);
     const a = pseudoRandom(VMSTATE_BYTES, 404);
     await saveVmState(image, 'a', a);
+    await saveVmState(image, 'b', pseudoRandom(VMSTATE_BYTES, 405)); // so that A's clusters become a hole, not the tail
     const img = await openImage(image);
     const hostOffsets: number[] = [];
     try {
