@@ -7,7 +7,7 @@
  * - a bare Writable copying into a 4 MiB buffer: the reference (DESIGN.md
  *   quotes 6-7 GiB/s for it on this machine);
  * - SnapshotStream over a null sink (writes complete at once): write(),
- *   _write/_writev, the ring copy, the submit queue;
+ *   _write/_writev, the ring copy, the submit;
  * - SnapshotStream over a tmpfs file through the native threads (positions
  *   wrap at 64 MiB so /dev/shm never fills): adds the addon round trip.
  * Results: bench/results/hot-path.json (benny's format, with details).

@@ -11,8 +11,6 @@ namespace snapstream {
 namespace {
 
 constexpr unsigned kMaxThreads = 4;
-// IOV_MAX on Linux; one pwritev can take no more.
-constexpr uint32_t kMaxIovecs = 1024;
 
 int64_t ToOffset(const Napi::Value& v, const char* what) {
   if (!v.IsNumber()) throw Napi::TypeError::New(v.Env(), std::string(what) + " must be a number");
@@ -77,7 +75,6 @@ Napi::Function NativeFile::Init(Napi::Env env) {
                      {
                          InstanceMethod<&NativeFile::Open>("open"),
                          InstanceMethod<&NativeFile::Write>("write"),
-                         InstanceMethod<&NativeFile::WriteVector>("writev"),
                          InstanceMethod<&NativeFile::Read>("read"),
                          InstanceMethod<&NativeFile::DataSync>("datasync"),
                          InstanceMethod<&NativeFile::Truncate>("truncate"),
@@ -103,11 +100,34 @@ NativeFile::NativeFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Native
   for (unsigned i = 0; i < threadCount_; i++) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
+// Runs on the JS thread (a finalizer, or environment teardown).
 NativeFile::~NativeFile() {
   StopWorkers();
+  // Pins of operations whose completion never reached JS (the environment
+  // went away first): the workers are joined, so nothing uses the buffers.
+  while (pinned_ != nullptr) Unpin(pinned_);
   // A file that was never closed through close(): release the descriptor so a
   // garbage-collected stream cannot leak it.
   if (fd_ >= 0) ::close(fd_);
+}
+
+// JS thread only.
+Pins* NativeFile::Pin(const Napi::Value& callback, const Napi::Value& buffer) {
+  auto* pins = new Pins();
+  pins->callback = Napi::Persistent(callback.As<Napi::Function>());
+  if (!buffer.IsEmpty()) pins->keepAlive = Napi::Persistent(buffer.As<Napi::Object>());
+  pins->next = pinned_;
+  if (pinned_ != nullptr) pinned_->prev = pins;
+  pinned_ = pins;
+  return pins;
+}
+
+// JS thread only: the references are released here and nowhere else.
+void NativeFile::Unpin(Pins* pins) {
+  if (pins->prev != nullptr) pins->prev->next = pins->next;
+  else pinned_ = pins->next;
+  if (pins->next != nullptr) pins->next->prev = pins->prev;
+  delete pins;
 }
 
 void NativeFile::StopWorkers() {
@@ -142,6 +162,7 @@ void NativeFile::WorkerLoop() {
     Execute(op);
     if (tsfn_.NonBlockingCall(op) != napi_ok) {
       // The environment is going away; nobody is left to receive the result.
+      // Op is plain data; its Pins stay listed for ~NativeFile on the JS thread.
       delete op;
     }
   }
@@ -155,9 +176,6 @@ void NativeFile::Execute(Op* op) {
       break;
     case OpKind::Write:
       op->result = WriteFull(fd, op->data, op->length, op->offset);
-      break;
-    case OpKind::WriteVector:
-      op->result = WriteVectorFull(fd, std::move(op->iov), op->offset);
       break;
     case OpKind::Read:
       op->result = ReadFull(fd, op->data, op->length, op->offset);
@@ -189,25 +207,30 @@ void NativeFile::Execute(Op* op) {
 // Runs on the JS thread.
 void NativeFile::Complete(Napi::Env env, Napi::Function, NativeFile* self, Op* op) {
   std::unique_ptr<Op> owned(op);
-  if (env == nullptr) return;  // environment torn down
+  // The environment is torn down: `self` may be gone already, and its
+  // destructor frees the Pins.
+  if (env == nullptr) return;
   if (op->kind == OpKind::Open && op->result.error == 0) self->fd_ = op->openFacts.fd;
   if (op->kind == OpKind::Close) self->fd_ = -1;
   if (--self->pending_ == 0 && !self->disposed_) self->tsfn_.Unref(env);
   Napi::HandleScope scope(env);
   Napi::Value details = Describe(env, op);
-  Napi::Function cb = op->callback.Value();
-  op->keepAlive.Reset();
-  // A throwing callback must not take the process down from inside a
-  // completion; the TypeScript layer never throws here, and if it did the
-  // exception surfaces as an ordinary uncaught exception.
+  Napi::Function cb = op->pins->callback.Value();
+  self->Unpin(op->pins);  // the buffer is no longer in use; `cb` is held by this scope
+  // A callback that throws: node-addon-api turns the C++ exception into a
+  // pending JS exception, and Node reports it as an uncaught exception, as
+  // for a throw in any I/O callback. The TypeScript layer's callbacks only
+  // settle promises or set state, and do not throw. While a worker thread's
+  // environment is being terminated the call cannot run, and the error it
+  // raises is dropped (NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS, binding.gyp).
   cb.Call({Napi::Number::New(env, op->result.error), Napi::Number::New(env, static_cast<double>(op->result.bytes)),
            Napi::String::New(env, op->result.syscall), details});
 }
 
-void NativeFile::Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback) {
+void NativeFile::Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback, const Napi::Value& buffer) {
   if (disposed_) throw Napi::Error::New(env, "file is disposed");
   if (op->kind != OpKind::Open && fd_ < 0) throw Napi::Error::New(env, "file is not open");
-  op->callback = Napi::Persistent(callback.As<Napi::Function>());
+  op->pins = Pin(callback, buffer);
   if (pending_++ == 0) tsfn_.Ref(env);
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -246,32 +269,11 @@ Napi::Value NativeFile::SubmitBuffer(const Napi::CallbackInfo& info, OpKind kind
   op->kind = kind;
   op->data = ViewBytes(info[0], &op->length);
   op->offset = ToOffset(info[1], "position");
-  op->keepAlive = Napi::Persistent(info[0].As<Napi::Object>());
-  Submit(env, std::move(op), info[2]);
+  Submit(env, std::move(op), info[2], info[0]);
   return env.Undefined();
 }
 
 Napi::Value NativeFile::Write(const Napi::CallbackInfo& info) { return SubmitBuffer(info, OpKind::Write); }
-
-Napi::Value NativeFile::WriteVector(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 3 || !info[0].IsArray()) throw Napi::TypeError::New(env, "writev(buffers, position, cb)");
-  RequireFunction(info[2]);
-  Napi::Array arr = info[0].As<Napi::Array>();
-  if (arr.Length() > kMaxIovecs * 64) throw Napi::RangeError::New(env, "too many buffers");
-  auto op = std::make_unique<Op>();
-  op->kind = OpKind::WriteVector;
-  op->iov.reserve(arr.Length());
-  for (uint32_t i = 0; i < arr.Length(); i++) {
-    size_t len = 0;
-    uint8_t* p = ViewBytes(arr.Get(i), &len);
-    op->iov.push_back(iovec{p, len});
-  }
-  op->offset = ToOffset(info[1], "position");
-  op->keepAlive = Napi::Persistent(arr.As<Napi::Object>());
-  Submit(env, std::move(op), info[2]);
-  return env.Undefined();
-}
 
 Napi::Value NativeFile::Read(const Napi::CallbackInfo& info) { return SubmitBuffer(info, OpKind::Read); }
 

@@ -24,21 +24,33 @@
 
 namespace snapstream {
 
-enum class OpKind { Open, Write, WriteVector, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close };
+enum class OpKind { Open, Write, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close };
+
+// The JavaScript values an operation keeps alive: its buffer and its callback.
+// Created, reset and destroyed on the JS thread only (a Napi::Reference may
+// not be touched anywhere else), so they live apart from the Op, which the
+// worker may have to free itself. NativeFile keeps every live Pins in an
+// intrusive list, so those whose Op was dropped are still freed, on the JS
+// thread, when the file is finalized.
+struct Pins {
+  Napi::ObjectReference keepAlive;  // buffers stay referenced until completion
+  Napi::FunctionReference callback;
+  Pins* prev = nullptr;
+  Pins* next = nullptr;
+};
 
 // Everything an operation needs, copied out of JS values before it is queued,
-// so that the worker never touches JavaScript.
+// so that the worker never touches JavaScript. Plain data: any thread may
+// delete it.
 struct Op {
   OpKind kind;
   OpenRequest open;
   uint8_t* data = nullptr;
   size_t length = 0;
-  std::vector<iovec> iov;
   int64_t offset = 0;
   int64_t extent = 0;  // truncate length, fallocate/lock length
   int mode = 0;        // fallocate mode, lock type
-  Napi::ObjectReference keepAlive;  // buffers stay referenced until completion
-  Napi::FunctionReference callback;
+  Pins* pins = nullptr;  // owned by the JS thread, see Pins
   // Results, filled on the worker.
   SysResult result;
   OpenFacts openFacts;
@@ -55,7 +67,6 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
  private:
   Napi::Value Open(const Napi::CallbackInfo& info);
   Napi::Value Write(const Napi::CallbackInfo& info);
-  Napi::Value WriteVector(const Napi::CallbackInfo& info);
   Napi::Value Read(const Napi::CallbackInfo& info);
   Napi::Value DataSync(const Napi::CallbackInfo& info);
   Napi::Value Truncate(const Napi::CallbackInfo& info);
@@ -70,11 +81,14 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   Napi::Value SubmitBare(const Napi::CallbackInfo& info, OpKind kind);
   Napi::Value SubmitRange(const Napi::CallbackInfo& info, OpKind kind, bool modeFirst);
   Napi::Value SubmitBuffer(const Napi::CallbackInfo& info, OpKind kind);
-  void Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback);
+  void Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback,
+              const Napi::Value& buffer = Napi::Value());
   void WorkerLoop();
   void Execute(Op* op);
   static void Complete(Napi::Env env, Napi::Function unused, NativeFile* self, Op* op);
   void StopWorkers();
+  Pins* Pin(const Napi::Value& callback, const Napi::Value& buffer);
+  void Unpin(Pins* pins);
 
   int fd_ = -1;
   unsigned threadCount_ = 1;
@@ -83,7 +97,8 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   std::condition_variable wake_;
   std::deque<Op*> queue_;
   bool stopping_ = false;
-  size_t pending_ = 0;  // JS thread only
+  size_t pending_ = 0;      // JS thread only
+  Pins* pinned_ = nullptr;  // JS thread only: head of the list of live Pins
   bool disposed_ = false;
   Napi::TypedThreadSafeFunction<NativeFile, Op, Complete> tsfn_;
 };

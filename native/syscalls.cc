@@ -3,13 +3,10 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
-#include <limits.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
-
-#include <algorithm>
 
 namespace snapstream {
 
@@ -28,7 +25,7 @@ SysResult Ok(int64_t bytes = 0) {
   return r;
 }
 
-void ProbeDirectAlignment(const std::string& path, int fd, OpenFacts* facts) {
+void ProbeDirectAlignment(int fd, OpenFacts* facts) {
   struct statx sx {};
   // statx on the fd (AT_EMPTY_PATH) so we describe exactly what we opened.
   if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN) != 0) {
@@ -36,7 +33,6 @@ void ProbeDirectAlignment(const std::string& path, int fd, OpenFacts* facts) {
     facts->dioMemAlign = sx.stx_dio_mem_align;
     facts->dioOffsetAlign = sx.stx_dio_offset_align;
   }
-  (void)path;
 }
 
 }  // namespace
@@ -71,7 +67,7 @@ SysResult OpenFile(const OpenRequest& req, OpenFacts* facts) {
   facts->blockSize = static_cast<uint32_t>(st.st_blksize);
   int fl = fcntl(fd, F_GETFL);
   facts->directInEffect = fl >= 0 && (fl & O_DIRECT) != 0;
-  ProbeDirectAlignment(req.path, fd, facts);
+  ProbeDirectAlignment(fd, facts);
   if (facts->isBlockDevice) {
     int sector = 0;
     if (ioctl(fd, BLKSSZGET, &sector) == 0 && sector > 0) facts->logicalBlockSize = static_cast<uint32_t>(sector);
@@ -103,39 +99,6 @@ SysResult WriteFull(int fd, const uint8_t* data, size_t length, int64_t offset) 
     done += static_cast<size_t>(n);
   }
   return Ok(static_cast<int64_t>(done));
-}
-
-SysResult WriteVectorFull(int fd, std::vector<iovec> iov, int64_t offset) {
-  size_t first = 0;
-  int64_t done = 0;
-  while (first < iov.size()) {
-    int count = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
-    ssize_t n = pwritev(fd, &iov[first], count, offset + done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      SysResult r = Fail("pwritev");
-      r.bytes = done;
-      return r;
-    }
-    if (n == 0) {
-      errno = ENOSPC;
-      SysResult r = Fail("pwritev");
-      r.bytes = done;
-      return r;
-    }
-    done += n;
-    // Skip fully written iovecs, then trim a partially written one.
-    size_t left = static_cast<size_t>(n);
-    while (first < iov.size() && left >= iov[first].iov_len) {
-      left -= iov[first].iov_len;
-      first++;
-    }
-    if (left > 0 && first < iov.size()) {
-      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
-      iov[first].iov_len -= left;
-    }
-  }
-  return Ok(done);
 }
 
 SysResult ReadFull(int fd, uint8_t* data, size_t length, int64_t offset) {

@@ -2,11 +2,9 @@
 // Nothing here touches JavaScript: these run on the I/O threads.
 #pragma once
 
-#include <sys/uio.h>
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <vector>
 
 namespace snapstream {
 
@@ -55,7 +53,6 @@ struct StatFacts {
 
 SysResult OpenFile(const OpenRequest& req, OpenFacts* facts);
 SysResult WriteFull(int fd, const uint8_t* data, size_t length, int64_t offset);
-SysResult WriteVectorFull(int fd, std::vector<iovec> iov, int64_t offset);
 SysResult ReadFull(int fd, uint8_t* data, size_t length, int64_t offset);
 SysResult DataSync(int fd);
 SysResult Truncate(int fd, int64_t length);

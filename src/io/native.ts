@@ -3,6 +3,7 @@
  * syscalls and threads only. Every policy decision lives in TypeScript.
  */
 import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 
 export interface OpenFlags {
   write: boolean;
@@ -44,7 +45,6 @@ export type Completion<T = unknown> = (errno: number, bytes: number, syscall: st
 export interface NativeFileHandle {
   open(path: string, flags: OpenFlags, cb: Completion<OpenFacts>): void;
   write(buffer: Uint8Array, position: number, cb: Completion): void;
-  writev(buffers: Uint8Array[], position: number, cb: Completion): void;
   read(buffer: Uint8Array, position: number, cb: Completion): void;
   datasync(cb: Completion): void;
   truncate(length: number, cb: Completion): void;
@@ -62,8 +62,30 @@ interface Addon {
   alignmentSkip(buffer: ArrayBuffer, alignment: number): number;
 }
 
-// src/io and dist/io sit at the same depth, so one relative path serves both.
+// The package root is two levels above src/io and dist/io alike. node-gyp-build
+// picks build/Release when there is one (a clone, or an install that compiled
+// from source), else the prebuilt binary in prebuilds/<platform>-<arch>/ that
+// matches this machine (see scripts/prebuild.sh).
 // SNAPSTREAM_ADDON_PATH points at another build (the sanitizer build of
 // `npm run test:asan`) without touching the normal one.
 const require = createRequire(import.meta.url);
-export const addon: Addon = require(process.env.SNAPSTREAM_ADDON_PATH ?? '../../build/Release/snapstream.node') as Addon;
+const packageRoot = fileURLToPath(new URL('../..', import.meta.url));
+
+function loadAddon(): Addon {
+  const explicit = process.env.SNAPSTREAM_ADDON_PATH;
+  if (explicit) return require(explicit) as Addon;
+  const load = require('node-gyp-build') as (dir: string) => unknown;
+  try {
+    return load(packageRoot) as Addon;
+  } catch (cause) {
+    const reason = String((cause as Error)?.message ?? cause).split('\n')[0];
+    throw new Error(
+      `snapstream: the native addon could not be loaded on ${process.platform}-${process.arch}: ${reason}. ` +
+        'Where no prebuilt binary fits, installing compiles the addon, which needs a C++17 compiler, ' +
+        'make and Python 3; with those in place, run `npm rebuild snapstream`.',
+      { cause },
+    );
+  }
+}
+
+export const addon: Addon = loadAddon();

@@ -36,7 +36,6 @@ const LOCK_TYPES: Record<LockKind, number> = { unlock: 0, read: 1, write: 2 };
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
-export const FALLOC_FL_ZERO_RANGE = 0x10;
 
 /** Promisifies one native call; the stack is captured at the caller. */
 function call<T = unknown>(
@@ -170,11 +169,6 @@ export class TargetFile {
   async write(buffer: Uint8Array, position: number): Promise<void> {
     this.assertOpen();
     await call(this, 'pwrite', position, (cb) => this._native.write(buffer, position, cb));
-  }
-
-  async writev(buffers: Uint8Array[], position: number): Promise<void> {
-    this.assertOpen();
-    await call(this, 'pwritev', position, (cb) => this._native.writev(buffers, position, cb));
   }
 
   /** Reads into `buffer`; the count is short only at end of file. */

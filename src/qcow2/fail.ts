@@ -3,6 +3,7 @@
  * validation in src/qcow2 goes through these so that messages share one shape:
  * what is wrong, where (`offset`), and what to do about it when we know.
  */
+import { assert } from '../assert.js';
 import { ErrorCode, SnapshotError } from '../errors.js';
 
 /** The image breaks the format or QEMU's limits. */
@@ -22,5 +23,5 @@ export function internal(message: string): SnapshotError {
 
 /** Asserts an internal invariant; unlike node:assert it throws a SnapshotError. */
 export function invariant(condition: unknown, message: string): asserts condition {
-  if (!condition) throw internal(message);
+  assert(condition, message);
 }

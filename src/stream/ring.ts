@@ -1,26 +1,55 @@
 /**
  * The ring: N aligned buffers, each FREE -> FILLING -> IN_FLIGHT -> FREE.
  * Allocated once when the stream opens; the hot path only moves indices.
+ *
+ * A full buffer goes straight to the target's native I/O thread: there is no
+ * JS-side queue, because the ring already bounds what can be in flight (at
+ * most N buffers) and the native thread runs writes in submission order.
  */
-import assert from 'node:assert/strict';
+import { assert, internalError } from '../assert.js';
+import { toSnapshotError, type SnapshotError } from '../errors.js';
 import type { TargetFile } from '../io/target-file.js';
+import type { WritePiece } from './sink.js';
 
 export const FREE = 0;
 export const FILLING = 1;
 export const IN_FLIGHT = 2;
 
+/** Called on the JS thread when a submitted buffer's write finished or failed; the buffer is FREE again. */
+export type SlotDone = (logicalBytes: number, error: SnapshotError | undefined) => void;
+
 export class Ring {
   readonly buffers: Uint8Array[];
   readonly bufferSize: number;
+  private readonly _file: TargetFile;
   private readonly _state: Uint8Array;
+  private readonly _logicalBytes: Float64Array; // per IN_FLIGHT buffer: stream bytes it carries (the rest is padding)
+  private readonly _onOk: (() => void)[] = [];
+  private readonly _onFail: ((err: unknown) => void)[] = [];
+  private readonly _done: SlotDone;
   private _next = 0; // where the search for a FREE buffer starts, to keep file order simple
+  private _inFlight = 0;
+  private readonly _idleWaiters: (() => void)[] = [];
 
-  constructor(file: TargetFile, count: number, bufferSize: number) {
-    assert.ok(count >= 2 && bufferSize > 0 && bufferSize % file.alignment === 0, 'ring geometry');
+  constructor(file: TargetFile, count: number, bufferSize: number, done: SlotDone) {
+    assert(count >= 2 && bufferSize > 0 && bufferSize % file.alignment === 0, 'ring geometry');
+    this._file = file;
+    this._done = done;
     this.bufferSize = bufferSize;
     this.buffers = [];
-    for (let i = 0; i < count; i++) this.buffers.push(file.allocBuffer(bufferSize));
+    for (let i = 0; i < count; i++) {
+      this.buffers.push(file.allocBuffer(bufferSize));
+      // One pre-bound pair per buffer, so a submit allocates no closure.
+      this._onOk.push(() => this._complete(i, undefined));
+      this._onFail.push((err: unknown) => this._complete(i, toSnapshotError(err)));
+    }
     this._state = new Uint8Array(count);
+    this._logicalBytes = new Float64Array(count);
+  }
+
+  /** Writes submitted and not yet completed. */
+  get inFlight(): number {
+    return this._inFlight;
   }
 
   /** Index of a FREE buffer, now FILLING, or -1 when all are busy. */
@@ -37,14 +66,74 @@ export class Ring {
     return -1;
   }
 
-  markInFlight(index: number): void {
-    assert.equal(this._state[index], FILLING);
+  /**
+   * Hands the first `length` bytes of FILLING buffer `index` to the target at
+   * file offset `position`; `logicalBytes` of them are stream data.
+   */
+  submit(index: number, length: number, logicalBytes: number, position: number | readonly WritePiece[]): void {
+    const alignment = this._file.alignment;
+    assert(this._state[index] === FILLING, 'only a FILLING buffer is submitted');
+    assert(length > 0 && length <= this.bufferSize && length % alignment === 0, 'submit length is aligned and fits the buffer');
+    if (typeof position !== 'number') {
+      this._submitPieces(index, length, logicalBytes, position);
+      return;
+    }
+    assert(position % alignment === 0, 'submit position is aligned');
+    assert(logicalBytes > 0 && logicalBytes <= length, 'logical bytes fit the submitted length');
     this._state[index] = IN_FLIGHT;
+    this._logicalBytes[index] = logicalBytes;
+    this._inFlight++;
+    assert(this._inFlight <= this._state.length, 'in flight <= buffers');
+    const buffer = this.buffers[index] as Uint8Array;
+    this._file
+      .write(length === buffer.byteLength ? buffer : buffer.subarray(0, length), position)
+      .then(this._onOk[index], this._onFail[index]);
   }
 
-  release(index: number): void {
-    assert.equal(this._state[index], IN_FLIGHT);
+  /**
+   * A buffer whose bytes go to several places (a sink spread over runs, see
+   * StreamSink.place): written piece by piece, completed once. Rare: only a
+   * buffer that crosses the end of a run.
+   */
+  private _submitPieces(index: number, length: number, logicalBytes: number, pieces: readonly WritePiece[]): void {
+    const alignment = this._file.alignment;
+    assert(pieces.length > 0 && pieces[0]!.from === 0 && pieces[pieces.length - 1]!.to === length, 'pieces cover the buffer');
+    for (const p of pieces) assert(p.from % alignment === 0 && p.position % alignment === 0 && p.to > p.from, 'pieces are aligned');
+    this._state[index] = IN_FLIGHT;
+    this._logicalBytes[index] = logicalBytes;
+    this._inFlight++;
+    const buffer = this.buffers[index] as Uint8Array;
+    const file = this._file;
+    const writeAll = async (): Promise<void> => {
+      for (const p of pieces) await file.write(buffer.subarray(p.from, p.to), p.position);
+    };
+    writeAll().then(this._onOk[index], this._onFail[index]);
+  }
+
+  private _complete(index: number, error: SnapshotError | undefined): void {
+    // Runs from a promise reaction: a throw here would be an unhandled
+    // rejection, so a broken invariant is reported as the write's error.
+    let err = error;
+    if (this._state[index] !== IN_FLIGHT || this._inFlight <= 0) err ??= internalError('a completed buffer was IN_FLIGHT');
     this._state[index] = FREE;
+    this._inFlight = Math.max(0, this._inFlight - 1);
+    this._done(this._logicalBytes[index] as number, err);
+    if (this._inFlight === 0) {
+      for (const wake of this._idleWaiters.splice(0)) wake();
+    }
+  }
+
+  /** Someone awaits idle() and will see the outcome of the writes in flight. */
+  get awaited(): boolean {
+    return this._idleWaiters.length > 0;
+  }
+
+  /** Resolves when no write is in flight. */
+  idle(): Promise<void> {
+    if (this._inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      this._idleWaiters.push(resolve);
+    });
   }
 
   /** Overwrites every buffer, so VM memory does not linger after the stream. */

@@ -10,9 +10,9 @@
  * buffers x bufferSize whatever the stream length.
  */
 import { Writable } from 'node:stream';
+import { assert } from '../assert.js';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { alignUp } from '../io/alignment.js';
-import { SubmitQueue } from '../io/submit-queue.js';
 import type { ResolvedStreamOptions } from '../options.js';
 import { Ring } from './ring.js';
 import type { SinkFactory, StreamSink } from './sink.js';
@@ -42,22 +42,17 @@ export class SnapshotStream extends Writable {
   private readonly _openSink: SinkFactory;
   private _sink: StreamSink | undefined;
   private _ring: Ring | undefined;
-  private _queue: SubmitQueue | undefined;
   private _fill = -1; // index of the FILLING buffer, -1 when none
   private _fillLen = 0; // bytes in the FILLING buffer
   private _accepted = 0; // logical bytes copied into the ring
   private _submittedEnd = 0; // offset past the last submitted buffer, relative to baseOffset
-  private _written = 0; // logical bytes durably handed to the kernel
-  private _inFlight = 0;
-  private _slotBytes: number[] = [];
-  private _slotDone: ((err: SnapshotError | undefined) => void)[] = [];
+  private _written = 0; // logical bytes whose writes completed (durable once finalize has synced)
   private _chunk: Uint8Array | null = null;
   private _chunkPos = 0;
   private _vec: VecEntry[] | null = null;
   private _vecIndex = 0;
   private _held: Callback | null = null;
   private _error: SnapshotError | undefined;
-  private _idleWaiter: (() => void) | null = null;
   private _finalized = false;
   private _sinkClosed = false;
   private _resumeScheduled = false;
@@ -133,14 +128,9 @@ export class SnapshotStream extends Writable {
       );
     }
     this._sink = sink;
-    this._ring = new Ring(file, buffers, bufferSize);
     // Every buffer may be in flight at once; the native threads decide how
     // many of those the disk sees concurrently.
-    this._queue = new SubmitQueue(file, buffers);
-    for (let i = 0; i < buffers; i++) {
-      this._slotBytes.push(0);
-      this._slotDone.push((err) => this._onWritten(i, err));
-    }
+    this._ring = new Ring(file, buffers, bufferSize, (bytes, err) => this._onWritten(bytes, err));
   }
 
   /**
@@ -186,6 +176,7 @@ export class SnapshotStream extends Writable {
       this._fill = ring.acquire();
       if (this._fill < 0) return false; // every buffer in flight: Writable holds the chunk
     }
+    assert(this._fill >= 0, 'a FILLING buffer to copy into');
     (ring.buffers[this._fill] as Uint8Array).set(chunk, this._fillLen);
     this._fillLen += n;
     this._accepted += n;
@@ -258,6 +249,7 @@ export class SnapshotStream extends Writable {
           this._fill = ring.acquire();
           if (this._fill < 0) return; // every buffer is in flight: hold the callback
         }
+        assert(this._fill >= 0 && this._fillLen < size, 'a FILLING buffer with room');
         const target = ring.buffers[this._fill] as Uint8Array;
         const n = Math.min(size - this._fillLen, length - this._chunkPos);
         // Whole chunks (the common case) copy without creating a view.
@@ -289,31 +281,21 @@ export class SnapshotStream extends Writable {
 
   /** Submits the FILLING buffer; `length` > _fillLen only for the padded tail. */
   private _submitFill(length: number): void {
-    const ring = this._ring as Ring;
+    assert(this._fill >= 0 && this._fillLen > 0 && this._fillLen <= length, 'a non-empty FILLING buffer to submit');
     const sink = this._sink as StreamSink;
-    const index = this._fill;
-    ring.markInFlight(index);
-    this._slotBytes[index] = this._fillLen;
     // A sink spread over several runs says where each buffer goes (once per buffer, not per write).
     const position = sink.place === undefined ? sink.baseOffset + this._submittedEnd : sink.place(this._submittedEnd, length);
+    (this._ring as Ring).submit(this._fill, length, this._fillLen, position);
     this._submittedEnd += length;
     this._fill = -1;
     this._fillLen = 0;
-    this._inFlight++;
-    const buffer = ring.buffers[index] as Uint8Array;
-    const data = length === buffer.byteLength ? buffer : buffer.subarray(0, length);
-    const done = this._slotDone[index] as (err: SnapshotError | undefined) => void;
-    if (typeof position === 'number') (this._queue as SubmitQueue).submit(data, position, done);
-    else (this._queue as SubmitQueue).submitPieces(data, position, done);
   }
 
-  private _onWritten(index: number, err: SnapshotError | undefined): void {
-    this._inFlight--;
-    (this._ring as Ring).release(index);
+  private _onWritten(logicalBytes: number, err: SnapshotError | undefined): void {
     if (err !== undefined) {
       if (this._error === undefined) this._error = err;
     } else {
-      this._written += this._slotBytes[index] as number;
+      this._written += logicalBytes;
       this.emit('progress', { bytesWritten: this._written, bytesQueued: this._accepted } satisfies ProgressEvent);
     }
     if (this._error !== undefined) this._failHeld();
@@ -325,11 +307,6 @@ export class SnapshotStream extends Writable {
       this._resumeScheduled = true;
       setImmediate(this._resume);
     }
-    if (this._inFlight === 0 && this._idleWaiter !== null) {
-      const wake = this._idleWaiter;
-      this._idleWaiter = null;
-      wake();
-    }
   }
 
   /** Reports the first I/O error exactly once through whichever path is waiting. */
@@ -340,14 +317,11 @@ export class SnapshotStream extends Writable {
     this._chunk = null;
     this._vec = null;
     if (cb !== null) cb(err);
-    else if (this._idleWaiter === null && !this.destroyed && !this.writableFinished) this.destroy(err);
+    else if (this._ring?.awaited !== true && !this.destroyed && !this.writableFinished) this.destroy(err);
   }
 
   private _idle(): Promise<void> {
-    if (this._inFlight === 0) return Promise.resolve();
-    return new Promise((resolve) => {
-      this._idleWaiter = resolve;
-    });
+    return this._ring === undefined ? Promise.resolve() : this._ring.idle();
   }
 
   override _final(callback: Callback): void {

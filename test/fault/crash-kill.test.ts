@@ -58,7 +58,15 @@ const EARLIER_VMSTATE_BYTES = 2 * MiB + 12345;
 const EARLIER_SEED = 7;
 const FRESH_VMSTATE_BYTES = MiB + 3;
 const TRIALS = Number(process.env.CRASH_TRIALS ?? 20);
-const SEED = Number(process.env.CRASH_SEED ?? Math.floor(Math.random() * 2 ** 31));
+const SEED = crashSeed(process.env.CRASH_SEED);
+
+/** The kill schedule's seed: CRASH_SEED when set (an integer, else the run stops), otherwise a fresh random one. */
+function crashSeed(text: string | undefined): number {
+  if (text === undefined || text === '') return Math.floor(Math.random() * 2 ** 31);
+  const seed = Number(text);
+  if (!Number.isSafeInteger(seed)) throw new RangeError(`Expected an integer for CRASH_SEED, received ${JSON.stringify(text)}`);
+  return seed;
+}
 /**
  * Commit kills spread over 1.15x the median commit seen so far (calibration,
  * then every trial that reached 'finish'), so the window follows the
@@ -284,6 +292,8 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
   it(
     `leaves the old image or the complete new snapshot, with no corruption and no leak (${TRIALS} trials)`,
     async () => {
+      // First, so a run that fails or times out still says how to replay it.
+      console.log(`[crash-kill] CRASH_SEED=${SEED} (run with CRASH_SEED=${SEED} to replay this kill schedule)`);
       // Calibration: uninterrupted saves measure the data phase and the commit (median of three).
       const runs: ChildRun[] = [];
       for (let i = 0; i < CALIBRATION_RUNS; i++) {

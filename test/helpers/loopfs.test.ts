@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it, vi } from 'vitest';
-import { fillFs, freeBytes, loopFsSkipReason, probeODirect, ramfsSkipReason, Skipped, withLoopFs, withRamfs } from './loopfs.js';
+import { fillFs, freeBytes, loopFsSkipReason, probeODirect, ramfsSkipReason, Skipped, skipUnlessRan, withLoopFs, withRamfs } from './loopfs.js';
 import { run } from './tools.js';
 
 const skipExt4 = loopFsSkipReason('ext4');
@@ -85,6 +85,7 @@ describe.skipIf(ramfsSkipReason() !== undefined)('withRamfs', { timeout: 30_000 
 
 describe('without root', () => {
   it('returns Skipped with a printed reason and never runs the body', async () => {
+    vi.stubEnv('CI', '');
     vi.spyOn(process, 'getuid').mockReturnValue(1000);
     const warn = vi.spyOn(console, 'warn').mockImplementation(() => undefined);
     try {
@@ -101,6 +102,33 @@ describe('without root', () => {
       expect(warn).toHaveBeenCalled();
     } finally {
       vi.restoreAllMocks();
+      vi.unstubAllEnvs();
     }
+  });
+
+  it('throws on CI instead, where root is part of the set-up and nothing may be skipped', async () => {
+    vi.stubEnv('CI', 'true');
+    vi.spyOn(process, 'getuid').mockReturnValue(1000);
+    try {
+      let ran = false;
+      const mark = async (): Promise<void> => {
+        ran = true;
+      };
+      await expect(withLoopFs({ sizeBytes: 16 << 20, fsType: 'ext4' }, mark)).rejects.toThrow(/need\(s\) root.*CI is set/);
+      await expect(withRamfs(mark)).rejects.toThrow(/CI is set/);
+      expect(ran).toBe(false);
+    } finally {
+      vi.restoreAllMocks();
+      vi.unstubAllEnvs();
+    }
+  });
+
+  it('hands Skipped to vitest as a skip, and passes a result through', () => {
+    const skip = vi.fn((note?: string): never => {
+      throw new Error(`skipped: ${note}`);
+    });
+    expect(skipUnlessRan({ skip }, 42)).toBe(42);
+    expect(skip).not.toHaveBeenCalled();
+    expect(() => skipUnlessRan({ skip }, new Skipped('no root'))).toThrow('skipped: no root');
   });
 });

@@ -4,8 +4,10 @@
  *
  * Why ramfs and not tmpfs: tmpfs accepts O_DIRECT since Linux 6.6, ramfs
  * still fails the open with EINVAL. Both need root to mount; without root the
- * helpers print a reason and return a `Skipped` instead of running `fn`.
- * CI runs as root; a missing mkfs/losetup on CI throws (see requireTool).
+ * helpers print a reason and return a `Skipped` instead of running `fn`;
+ * the test hands it to `skipUnlessRan`, so vitest reports it as skipped.
+ * CI runs as root; on CI a missing mkfs/losetup or a missing root throws
+ * (see requireTool), so nothing that must run there is skipped.
  *
  * Cleanup always runs, in reverse order, even when `fn` throws: umount
  * (retried, then lazy), losetup -d, remove the backing file and mount point.
@@ -14,7 +16,7 @@ import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, rm, statfs, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { isRoot, requireTool, runOk, tmpDir, type ToolName } from './tools.js';
+import { isCi, isRoot, requireTool, runOk, tmpDir, type ToolName } from './tools.js';
 
 /** Returned instead of running `fn` when the machine cannot provide the filesystem. */
 export class Skipped {
@@ -39,24 +41,40 @@ export function loopFsSkipReason(fsType: LoopFsOptions['fsType'] = 'ext4'): stri
   const tools: ToolName[] = [fsType === 'ext4' ? 'mkfs.ext4' : 'mkfs.xfs', 'losetup', 'mount', 'umount'];
   const missing = requireTool(...tools); // throws on CI
   if (missing !== undefined) return missing;
-  if (!isRoot()) {
-    const reason = 'loop mounts need root';
-    console.warn(`[skip] ${reason}`);
-    return reason;
-  }
-  return undefined;
+  return rootSkipReason('loop mounts');
 }
 
 /** Why ramfs cannot be used here, or undefined when it can. */
 export function ramfsSkipReason(): string | undefined {
   const missing = requireTool('mount', 'umount');
   if (missing !== undefined) return missing;
-  if (!isRoot()) {
-    const reason = 'mounting ramfs needs root';
-    console.warn(`[skip] ${reason}`);
-    return reason;
-  }
-  return undefined;
+  return rootSkipReason('mounting ramfs');
+}
+
+/**
+ * Why `what` cannot run without root, or undefined as root. On CI, which
+ * runs as root, a missing root is a broken set-up: it throws.
+ */
+export function rootSkipReason(what: string): string | undefined {
+  if (isRoot()) return undefined;
+  const reason = `${what} need(s) root`;
+  if (isCi()) throw new Error(`${reason} (CI is set: integration tests must not be skipped)`);
+  console.warn(`[skip] ${reason}`);
+  return reason;
+}
+
+/** The part of vitest's test context that skips at run time. */
+export interface SkipContext {
+  skip(note?: string): never;
+}
+
+/**
+ * Hands a helper's `Skipped` to vitest, so the report counts the test as
+ * skipped (with the reason) instead of as a pass that asserted nothing.
+ */
+export function skipUnlessRan<T>(ctx: SkipContext, result: T | Skipped): T {
+  if (result instanceof Skipped) ctx.skip(result.reason);
+  return result as T;
 }
 
 /**

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SnapshotError } from '../../src/errors.js';
 import { reserveSpace, type PreallocateProgress } from '../../src/io/preallocate.js';
 import { TargetFile } from '../../src/io/target-file.js';
-import { freeBytes, Skipped, withLoopFs, withRamfs } from '../helpers/loopfs.js';
+import { freeBytes, skipUnlessRan, withLoopFs, withRamfs } from '../helpers/loopfs.js';
 import { tmpDir, type TmpDir } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
@@ -22,10 +22,6 @@ async function withFile<T>(path: string, fn: (f: TargetFile) => Promise<T>): Pro
   } finally {
     await f.close();
   }
-}
-
-function report(result: unknown): void {
-  if (result instanceof Skipped) console.warn(`skipped: ${result.reason}`);
 }
 
 describe('reserveSpace', () => {
@@ -68,8 +64,9 @@ describe('reserveSpace', () => {
     });
   });
 
-  it('falls back to writing zeros where the filesystem has no fallocate (ramfs)', async () => {
-    report(
+  it('falls back to writing zeros where the filesystem has no fallocate (ramfs)', async (ctx) => {
+    skipUnlessRan(
+      ctx,
       await withRamfs(async (mnt) => {
         await withFile(join(mnt, 'zeros.bin'), async (f) => {
           const events: PreallocateProgress[] = [];
@@ -82,8 +79,9 @@ describe('reserveSpace', () => {
     );
   });
 
-  it('fails with ENOSPC on a full filesystem and leaves the file and the free space as they were', async () => {
-    report(
+  it('fails with ENOSPC on a full filesystem and leaves the file and the free space as they were', async (ctx) => {
+    skipUnlessRan(
+      ctx,
       await withLoopFs({ sizeBytes: 32 * MiB, fsType: 'ext4' }, async (mnt) => {
         const before = await freeBytes(mnt);
         await withFile(join(mnt, 'big.bin'), async (f) => {

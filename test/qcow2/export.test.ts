@@ -14,9 +14,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream } from '../../src/index.js';
 import { openImage, type Image } from '../../src/qcow2/image.js';
 import { readSnapshotVmState, vmStateLayout } from '../helpers/qcow2-vmstate.js';
-import { withRamfs, Skipped } from '../helpers/loopfs.js';
+import { rootSkipReason, skipUnlessRan, Skipped, withRamfs } from '../helpers/loopfs.js';
 import { pseudoRandom, sha256 } from '../helpers/streams.js';
-import { isRoot, requireTool, runOk, run } from '../helpers/tools.js';
+import { requireTool, runOk, run } from '../helpers/tools.js';
 import { privateBuild } from '../reliability/private-build.js';
 import { be64, qemuMissing, readBytes, patchBytes, Workdir } from './fixtures.js';
 
@@ -124,7 +124,7 @@ describe.skipIf(qemuMissing)('qcow2 export: createVmStateReadStream', () => {
     }
   });
 
-  it("falls back to the page cache where O_DIRECT is refused (direct 'auto'), and refuses direct: true there", async () => {
+  it("falls back to the page cache where O_DIRECT is refused (direct 'auto'), and refuses direct: true there", async (ctx) => {
     const result = await withRamfs(async (dir) => {
       const path = join(dir, 'img.qcow2');
       await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', path, '16M']);
@@ -142,7 +142,7 @@ describe.skipIf(qemuMissing)('qcow2 export: createVmStateReadStream', () => {
         await img.close();
       }
     });
-    if (result instanceof Skipped) console.warn(`[skip] ramfs: ${result.reason}`);
+    skipUnlessRan(ctx, result);
   });
 
   it('works on tmpfs (/dev/shm) with the default direct: auto', async () => {
@@ -235,7 +235,8 @@ describe.skipIf(qemuSystemMissing)('qcow2 export of snapshots written by QEMU sa
  */
 async function with4kSectorFs<T>(fn: (dir: string) => Promise<T>): Promise<T | Skipped> {
   const missing = requireTool('losetup', 'mkfs.ext4', 'mount', 'umount');
-  if (missing !== undefined || !isRoot()) return new Skipped(missing ?? '4 KiB-sector loop device needs root');
+  const skip = missing ?? rootSkipReason('a 4 KiB-sector loop device');
+  if (skip !== undefined) return new Skipped(skip);
   const work = await Workdir.create('export-4k');
   const backing = join(work.dir.path, 'backing.img');
   const mnt = join(work.dir.path, 'mnt');
@@ -258,7 +259,7 @@ async function with4kSectorFs<T>(fn: (dir: string) => Promise<T>): Promise<T | S
 }
 
 describe.skipIf(qemuSystemMissing)('qcow2 export: clusters smaller than the O_DIRECT alignment', () => {
-  it('reads 512-byte-cluster vmstate (QEMU savevm and ours) on a 4 KiB-sector disk byte for byte', async () => {
+  it('reads 512-byte-cluster vmstate (QEMU savevm and ours) on a 4 KiB-sector disk byte for byte', async (ctx) => {
     const work = await Workdir.create('export-4k-src');
     try {
       const theirs = await work.image({ sizeBytes: 32 * MiB, clusterSize: 512 });
@@ -284,7 +285,7 @@ describe.skipIf(qemuSystemMissing)('qcow2 export: clusters smaller than the O_DI
           await img.close();
         }
       });
-      if (result instanceof Skipped) console.warn(`[skip] ${result.reason}`);
+      skipUnlessRan(ctx, result);
     } finally {
       await work.cleanup();
     }

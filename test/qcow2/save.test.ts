@@ -307,34 +307,6 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     expect((await qemuImg.check(path)).exitCode).toBe(0);
     expect(await qemuImg.snapshotList(path)).toEqual([]);
   });
-
-  it('still saves fast into an image with 1000 snapshots, including the consistency check of a fresh open', async () => {
-    const path = await work.image({ sizeBytes: 64 << 20 });
-    await guestWrite(path, 'write -P 0x42 0 4M');
-    const small = Buffer.alloc(4096, 1);
-    const img = await openImage(path);
-    const t0 = performance.now();
-    try {
-      for (let i = 0; i < 1000; i++) await saveWithCalls(img, `s${i}`, small);
-    } finally {
-      await img.close();
-    }
-    const perSave = (performance.now() - t0) / 1000;
-    const t1 = performance.now();
-    const again = await openImage(path);
-    try {
-      await saveWithCalls(again, 'last', pseudoRandom(8 << 20, 5));
-      expect(again.snapshots()).toHaveLength(1001);
-    } finally {
-      await again.close();
-    }
-    const lastMs = performance.now() - t1;
-    console.log(`1000 saves: ${perSave.toFixed(1)} ms each; open + check + save of the 1001st (8 MiB): ${lastMs.toFixed(0)} ms`);
-    expect(lastMs).toBeLessThan(5000);
-    const check = await qemuImg.check(path);
-    expect(check.exitCode, JSON.stringify(check)).toBe(0);
-    expect(await qemuImg.snapshotList(path)).toHaveLength(1001);
-  });
 });
 
 const vmMissing = qemuMissing ?? requireTool('qemu-system-x86_64');

@@ -10,7 +10,7 @@ import { pipeline } from 'node:stream/promises';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, SnapshotError } from '../../src/index.js';
-import { freeBytes, Skipped, withLoopFs, withRamfs } from '../helpers/loopfs.js';
+import { freeBytes, skipUnlessRan, withLoopFs, withRamfs } from '../helpers/loopfs.js';
 import { chunked, fromChunks, pseudoRandom, sha256, sha256OfFile } from '../helpers/streams.js';
 import { runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
 
@@ -24,14 +24,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await dir.cleanup();
 });
-
-function skipped(result: unknown): boolean {
-  if (result instanceof Skipped) {
-    console.warn(`skipped: ${result.reason}`);
-    return true;
-  }
-  return false;
-}
 
 async function expectError(promise: Promise<unknown>): Promise<SnapshotError> {
   const err = await promise.then(
@@ -66,7 +58,7 @@ describe('filesystems without O_DIRECT', () => {
     await expect(stat(path)).rejects.toMatchObject({ code: 'ENOENT' });
   });
 
-  it('handles a filesystem whose open() refuses O_DIRECT (ramfs) both ways', async () => {
+  it('handles a filesystem whose open() refuses O_DIRECT (ramfs) both ways', async (ctx) => {
     const result = await withRamfs(async (mnt) => {
       const strict = await expectError(
         pipeline(fromChunks([Buffer.from('x')]), createSnapshotStream(join(mnt, 'strict.bin'), { direct: true })),
@@ -78,12 +70,12 @@ describe('filesystems without O_DIRECT', () => {
       expect(out.direct).toBe(false);
       expect(sha256(await readFile(join(mnt, 'auto.bin')))).toBe(sha256(data));
     });
-    skipped(result);
+    skipUnlessRan(ctx, result);
   });
 });
 
 describe('a full disk', () => {
-  it('reports ENOSPC once as a SnapshotError, without hanging or leaking the descriptor', async () => {
+  it('reports ENOSPC once as a SnapshotError, without hanging or leaking the descriptor', async (ctx) => {
     const result = await withLoopFs({ sizeBytes: 32 * MiB, fsType: 'ext4' }, async (mnt) => {
       const path = join(mnt, 'state.bin');
       const out = createSnapshotStream(path, { bufferSize: MiB });
@@ -98,10 +90,10 @@ describe('a full disk', () => {
       await expect(stat(path)).rejects.toMatchObject({ code: 'ENOENT' });
       expect(await freeBytes(mnt)).toBeGreaterThan(16 * MiB);
     });
-    skipped(result);
+    skipUnlessRan(ctx, result);
   });
 
-  it("refuses at once with ENOSPC under preallocate 'space', consuming no input", async () => {
+  it("refuses at once with ENOSPC under preallocate 'space', consuming no input", async (ctx) => {
     const result = await withLoopFs({ sizeBytes: 32 * MiB, fsType: 'ext4' }, async (mnt) => {
       const path = join(mnt, 'state.bin');
       let pulled = 0;
@@ -119,12 +111,12 @@ describe('a full disk', () => {
       expect(pulled).toBeLessThanOrEqual(2); // at most what Writable buffers while the target opens
       await expect(stat(path)).rejects.toMatchObject({ code: 'ENOENT' });
     });
-    skipped(result);
+    skipUnlessRan(ctx, result);
   });
 });
 
 describe('block devices', () => {
-  it('writes to a loop block device with O_DIRECT and reads back the same bytes', async () => {
+  it('writes to a loop block device with O_DIRECT and reads back the same bytes', async (ctx) => {
     const result = await withLoopFs({ sizeBytes: 64 * MiB, fsType: 'ext4' }, async (mnt) => {
       const backing = join(mnt, 'disk.img');
       await runOk('truncate', ['-s', `${16 * MiB}`, backing]);
@@ -144,10 +136,10 @@ describe('block devices', () => {
         await runOk('losetup', ['-d', device]).catch(() => undefined);
       }
     });
-    skipped(result);
+    skipUnlessRan(ctx, result);
   });
 
-  it('reports an I/O error from a device whose backing store is full as a coded error', async () => {
+  it('reports an I/O error from a device whose backing store is full as a coded error', async (ctx) => {
     const result = await withLoopFs({ sizeBytes: 16 * MiB, fsType: 'ext4' }, async (mnt) => {
       // A 64 MiB sparse device on a 16 MiB filesystem: writes past the
       // space that is left fail inside the loop driver.
@@ -163,7 +155,7 @@ describe('block devices', () => {
         await runOk('losetup', ['-d', device]).catch(() => undefined);
       }
     });
-    skipped(result);
+    skipUnlessRan(ctx, result);
   });
 });
 

@@ -1,12 +1,15 @@
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { readFile, readdir, readlink, stat, writeFile, mkdir } from 'node:fs/promises';
+import { once } from 'node:events';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, SnapshotError, type SnapshotStream } from '../../src/index.js';
 import { chunked, fromChunks, pseudoRandom, qemuLikePages, sha256, sha256OfFile } from '../helpers/streams.js';
-import { tmpDir, type TmpDir } from '../helpers/tools.js';
+import { skipUnlessRan, withLoopFs } from '../helpers/loopfs.js';
+import { requireTool, runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
 const O_DIRECT = 0o40000;
@@ -180,19 +183,43 @@ describe('createSnapshotStream on a raw file', () => {
     }
   });
 
-  it('holds the write callback while every buffer is in flight (backpressure)', async () => {
-    const path = join(dir.path, 'backpressure.bin');
-    const out = createSnapshotStream(path, { bufferSize: MiB, buffers: 2 });
-    await new Promise((r) => out.write(Buffer.alloc(0), r)); // opened
-    let called = false;
-    // Three buffers' worth in one write: the third cannot be copied until one completes.
-    out.write(Buffer.alloc(3 * MiB, 1), () => {
-      called = true;
+});
+
+describe('backpressure while the disk holds the I/O back (frozen filesystem)', () => {
+  // fsfreeze blocks every write to the filesystem until it is thawed: a real
+  // disk that does not answer, with the stream's pwrite stuck in the kernel.
+  const skip = requireTool('fsfreeze');
+  it.skipIf(skip !== undefined)('write() returns false and the callback stays pending until the I/O completes', async (ctx) => {
+    const result = await withLoopFs({ sizeBytes: 32 * MiB, fsType: 'ext4' }, async (mnt) => {
+      const path = join(mnt, 'backpressure.bin');
+      const out = createSnapshotStream(path, { bufferSize: MiB, buffers: 2 });
+      await new Promise((r) => out.write(Buffer.alloc(0), r)); // opened (an open on a frozen fs would block too)
+      await runOk('fsfreeze', ['--freeze', mnt]);
+      let frozen = true;
+      try {
+        let called = false;
+        const data = pseudoRandom(3 * MiB, 31);
+        // Three buffers' worth in one write: the third cannot be copied until one completes.
+        const accepted = out.write(data, () => {
+          called = true;
+        });
+        expect(accepted).toBe(false);
+        expect(out.writableNeedDrain).toBe(true);
+        await sleep(500);
+        expect(called).toBe(false); // the disk holds the first buffer: nothing can move
+        expect(out.bytesWritten).toBe(0);
+        await runOk('fsfreeze', ['--unfreeze', mnt]);
+        frozen = false;
+        await once(out, 'drain');
+        expect(called).toBe(true);
+        await new Promise<void>((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));
+        expect(await sha256OfFile(path)).toBe(sha256(data));
+      } finally {
+        if (frozen) await runOk('fsfreeze', ['--unfreeze', mnt]);
+        out.destroy();
+      }
     });
-    expect(called).toBe(false);
-    await new Promise<void>((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));
-    expect(called).toBe(true);
-    expect((await stat(path)).size).toBe(3 * MiB);
+    skipUnlessRan(ctx, result);
   });
 });
 
