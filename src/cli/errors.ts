@@ -7,7 +7,7 @@
  *   2  usage: unknown command or option, missing argument, bad size or value
  */
 import { readFileSync } from 'node:fs';
-import { isSnapshotError } from '../index.js';
+import { ErrorCode, isSnapshotError } from '../index.js';
 import { describeHolder, findLockHolders, type LockHolder } from './lock-holder.js';
 
 export const ExitCode = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
@@ -61,19 +61,19 @@ function readComm(pid: number): string {
 function hintFor(code: string, message: string, context: ErrorContext): string | undefined {
   const image = context.image ?? 'IMAGE';
   switch (code) {
-    case 'IMAGE_LOCKED':
+    case ErrorCode.IMAGE_LOCKED:
       return lockHint(message, context.image);
-    case 'DIRECT_IO_UNSUPPORTED':
+    case ErrorCode.DIRECT_IO_UNSUPPORTED:
       return `this filesystem refuses O_DIRECT; try --direct=auto (uses the page cache there)`;
-    case 'SNAPSHOT_NOT_FOUND':
+    case ErrorCode.SNAPSHOT_NOT_FOUND:
       return `see the snapshots with: snapstream list ${image}`;
-    case 'SNAPSHOT_EXISTS':
+    case ErrorCode.SNAPSHOT_EXISTS:
       return `choose another name, or remove the old one: snapstream delete ${image} NAME`;
-    case 'ENOSPC':
+    case ErrorCode.ENOSPC:
       return `the target is full; --expected-size SIZE --preallocate reserves the space before the first byte`;
-    case 'NOT_RAW':
+    case ErrorCode.NOT_RAW:
       return `the target looks like a disk image; snapstream will not overwrite it as raw`;
-    case 'QCOW2_CORRUPT':
+    case ErrorCode.QCOW2_CORRUPT:
       return `check the image with: qemu-img check ${image}`;
     default:
       return undefined;
@@ -92,19 +92,19 @@ export function reportError(err: unknown, context: ErrorContext = {}): Reported 
     return { lines: [`snapstream: USAGE: ${toFlagNames(err.message)}`], exitCode: ExitCode.USAGE };
   }
   const e = err as { code?: unknown; message?: unknown } | null;
-  const code = typeof e?.code === 'string' ? e.code : 'INTERNAL';
+  const code = typeof e?.code === 'string' ? e.code : ErrorCode.INTERNAL;
   const text = typeof e?.message === 'string' ? e.message.split('\n')[0]! : String(err);
   // Node's own errors already start with their code ("ENOENT: no such file ..."): say it once.
   const message = text.startsWith(`${code}: `) ? text.slice(code.length + 2) : text;
   const lines = [`snapstream: ${code}: ${message}`];
   const hint = hintFor(code, message, context);
   if (hint !== undefined) lines.push(`hint: ${hint}`);
-  if (code === 'INTERNAL' && err instanceof Error && process.env.SNAPSTREAM_DEBUG) lines.push(String(err.stack));
+  if (code === ErrorCode.INTERNAL && err instanceof Error && process.env.SNAPSTREAM_DEBUG) lines.push(String(err.stack));
   return { lines, exitCode: ExitCode.FAILURE };
 }
 
 /** EPIPE on stdout: the reader went away (`| head`). Not worth a message. */
 export function isBrokenPipe(err: unknown): boolean {
   const e = err as { code?: unknown; cause?: { code?: unknown } } | null;
-  return e?.code === 'EPIPE' || e?.cause?.code === 'EPIPE';
+  return e?.code === ErrorCode.EPIPE || e?.cause?.code === ErrorCode.EPIPE;
 }

@@ -8,6 +8,7 @@
  * multiple of every logical block size Linux supports up to 4 KiB sectors).
  */
 import assert from 'node:assert/strict';
+import { isPowerOfTwo } from '../validate.js';
 import { addon, type OpenFacts } from './native.js';
 
 export const DEFAULT_ALIGNMENT = 4096;
@@ -50,10 +51,6 @@ export function directAlignment(facts: OpenFacts): DirectAlignment {
   if (!isPowerOfTwo(offsetBytes) || offsetBytes > MAX_ALIGNMENT) offsetBytes = DEFAULT_ALIGNMENT;
   if (!isPowerOfTwo(memoryBytes) || memoryBytes > MAX_ALIGNMENT) memoryBytes = DEFAULT_ALIGNMENT;
   return { offsetBytes, memoryBytes };
-}
-
-export function isPowerOfTwo(n: number): boolean {
-  return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
 }
 
 export function alignUp(value: number, alignment: number): number {

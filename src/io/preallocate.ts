@@ -93,7 +93,7 @@ export async function reserveSpace(file: TargetFile, offset: number, length: num
     try {
       await fallocateRange(file, offset, length, options);
     } catch (err) {
-      if (!isSnapshotError(err, 'EOPNOTSUPP') || options.keepSize === true) throw err;
+      if (!isSnapshotError(err, ErrorCode.EOPNOTSUPP) || options.keepSize === true) throw err;
       await zeroFillRange(file, offset, length, options);
     }
   } catch (err) {

@@ -8,13 +8,13 @@
  * COPIED in the active tables.
  */
 import { L1Table, L2Table, compressedClusterSpan, QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
-import { unsupported } from './fail.js';
+import { corrupt, unsupported } from './fail.js';
 import { bitmapReferences } from './bitmaps.js';
-import { readPadded, RefcountStore } from './refcount.js';
-import type { ImageState } from './image-state.js';
+import { readPadded, type RefcountStore } from './refcount.js';
+import { loadRefcounts, type ImageState } from './image-state.js';
 import type { SpaceReport } from './space.js';
 import { isIncompleteV3Entry } from './snapshot-table.js';
-import { isSnapshotError } from '../errors.js';
+import { ErrorCode, isSnapshotError } from '../errors.js';
 
 /** Bound on the in-memory expected-refcount array: 4 bytes per host cluster (1 GiB). */
 export const MAX_CHECK_CLUSTERS = 2 ** 28;
@@ -226,14 +226,18 @@ async function checkCopied(checker: Checker, state: ImageState, rc: RefcountStor
   }
 }
 
-export async function checkImage(state: ImageState): Promise<CheckResult> {
+/**
+ * `rc`: the refcounts, when the caller has loaded them already (a save checks
+ * and then allocates with one store); the check only reads them.
+ */
+export async function checkImage(state: ImageState, loaded?: RefcountStore): Promise<CheckResult> {
   const checker = new Checker(state);
   const { header, layout } = state;
   let rc: RefcountStore;
   try {
-    rc = await RefcountStore.load(state.file, layout, header.refcountTableOffset, header.refcountTableClusters, state.fileSizeBytes);
+    rc = loaded ?? (await loadRefcounts(state));
   } catch (err) {
-    if (!isSnapshotError(err, 'QCOW2_CORRUPT')) throw err;
+    if (!isSnapshotError(err, ErrorCode.QCOW2_CORRUPT)) throw err;
     checker.result.checkErrors++;
     checker.result.messages.push(`ERROR cannot read the refcount structure: ${err.message}`);
     return checker.result;
@@ -256,7 +260,26 @@ async function countBitmaps(checker: Checker, state: ImageState): Promise<void> 
     const { ranges } = await bitmapReferences(state.file, state.header, state.layout.clusterSize, state.fileSizeBytes);
     for (const [offset, length] of ranges) checker.inc(offset, length);
   } catch (err) {
-    if (!isSnapshotError(err, 'QCOW2_CORRUPT')) throw err;
+    if (!isSnapshotError(err, ErrorCode.QCOW2_CORRUPT)) throw err;
     checker.corruption(err.message);
   }
+}
+
+/**
+ * Refuses to write into an image whose metadata disagrees with itself
+ * (refcounts below their references, overlapping or out-of-file
+ * structures): QEMU's pre-write overlap checks, done once and completely
+ * before the first byte is written. Leaks and COPIED mismatches are fine:
+ * a write recomputes COPIED from the refcounts.
+ */
+export async function refuseInconsistent(state: ImageState, rc: RefcountStore, path: string): Promise<void> {
+  const result = await checkImage(state, rc);
+  const structural = result.corruptions - result.copiedFlagErrors + result.checkErrors;
+  if (structural === 0) return;
+  const first = result.messages.find((m) => m.startsWith('ERROR') && !m.includes('OFLAG_COPIED')) ?? '';
+  throw corrupt(
+    `${structural} inconsistenc${structural === 1 ? 'y' : 'ies'} in the metadata (${first.replace(/^ERROR /, '')}); ` +
+      'refusing to write. Inspect with `qemu-img check`, repair with `qemu-img check -r all`',
+    { path },
+  );
 }

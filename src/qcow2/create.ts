@@ -17,6 +17,7 @@ import { unlink } from 'node:fs/promises';
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
+import { validatePath } from '../validate.js';
 import { L1Table, L2Table } from './cluster-map.js';
 import { invariant } from './fail.js';
 import {
@@ -24,135 +25,19 @@ import {
   encodeHeader,
   encodedHeaderLength,
   HeaderExtensionType,
-  MAX_BACKING_FILE_NAME_BYTES,
   V2_HEADER_LENGTH,
   type HeaderExtension,
   type Qcow2Header,
 } from './header.js';
-import { Layout } from './layout.js';
-import { planImage, type ImagePlan, type Preallocation } from './preallocate-image.js';
+import { planImage, type ImagePlan } from './preallocate-image.js';
 import { setRefcountEntry } from './refcount.js';
+import { validateCreateOptions, type CreateImageOptions, type ResolvedCreateOptions } from './create-options.js';
 
 export type { Preallocation } from './preallocate-image.js';
+export type { CreateImageOptions, CreateProgress } from './create-options.js';
 
-export interface CreateProgress {
-  bytesDone: number;
-  bytesTotal: number;
-}
-
-export interface CreateImageOptions {
-  /** Virtual disk size in bytes; rounded up to 512 like qemu-img. */
-  size: number;
-  /** Power of two, 512 B .. 2 MiB. Default 64 KiB. */
-  clusterSize?: number;
-  /** 2 (compat=0.10) or 3 (compat=1.1). Default 3. */
-  version?: 2 | 3;
-  /** What to allocate up front, as qemu-img's `-o preallocation=`. Default 'off'. */
-  preallocation?: Preallocation;
-  /** Refcount entry width: 1, 2, 4, 8, 16, 32 or 64. Default 16; v2 requires 16. */
-  refcountBits?: number;
-  /** v3 only: set the lazy refcounts compatible bit. Default false. */
-  lazyRefcounts?: boolean;
-  /** Replace an existing file instead of failing with EEXIST. Default false. */
-  overwrite?: boolean;
-  /** Backing file name, stored as given (relative names resolve against the image's directory). */
-  backingFile?: string;
-  /** Format of the backing file ('qcow2', 'raw', ...); required with backingFile, as qemu-img 7.2 requires -F. */
-  backingFormat?: string;
-  /** Cancels the create; the file is removed. Checked between writes and fallocate chunks. */
-  signal?: AbortSignal;
-  /** Called after each metadata write, fallocate chunk or zero write. */
-  onProgress?: (progress: CreateProgress) => void;
-  /** Bytes per fallocate call ('falloc') or per progress step ('full'). Default 1 GiB / 8 MiB. */
-  chunkBytes?: number;
-}
-
-interface ResolvedCreateOptions {
-  sizeBytes: number;
-  layout: Layout;
-  version: 2 | 3;
-  preallocation: Preallocation;
-  lazyRefcounts: boolean;
-  overwrite: boolean;
-  backingFile: Buffer | undefined;
-  backingFormat: Buffer | undefined;
-  signal: AbortSignal | undefined;
-  onProgress: ((progress: CreateProgress) => void) | undefined;
-  chunkBytes: number | undefined;
-}
-
-const SECTOR_BYTES = 512;
-const REFCOUNT_WIDTHS = [1, 2, 4, 8, 16, 32, 64];
-const PREALLOCATIONS: readonly Preallocation[] = ['off', 'metadata', 'falloc', 'full'];
 /** Zero writes for 'full': large enough to run at device speed, small enough to cancel promptly. */
 const ZERO_WRITE_BYTES = 8 << 20;
-
-function validateBacking(options: CreateImageOptions, preallocation: Preallocation): Pick<ResolvedCreateOptions, 'backingFile' | 'backingFormat'> {
-  const { backingFile, backingFormat } = options;
-  if (backingFile === undefined) {
-    if (backingFormat !== undefined) throw new TypeError('Expected options.backingFile with options.backingFormat');
-    return { backingFile: undefined, backingFormat: undefined };
-  }
-  if (typeof backingFile !== 'string' || backingFile.length === 0 || backingFile.includes('\0')) {
-    throw new TypeError(`Expected a non-empty file name for options.backingFile, received ${String(backingFile)}`);
-  }
-  if (Buffer.byteLength(backingFile) > MAX_BACKING_FILE_NAME_BYTES) {
-    throw new RangeError(`Expected at most ${MAX_BACKING_FILE_NAME_BYTES} bytes for options.backingFile`);
-  }
-  if (typeof backingFormat !== 'string' || !/^[a-z0-9_-]{1,16}$/i.test(backingFormat)) {
-    // qemu-img 7.2: "Backing file specified without backing format".
-    throw new TypeError(`Expected a format name such as 'qcow2' or 'raw' for options.backingFormat, received ${String(backingFormat)}`);
-  }
-  if (preallocation !== 'off') {
-    // QEMU 7.2 qcow2_co_create; extended L2 entries (the exception) are not supported here.
-    throw new TypeError(
-      `Expected preallocation 'off' with options.backingFile, received '${preallocation}': ` +
-        'Backing file and preallocation can only be used at the same time if extended_l2 is on',
-    );
-  }
-  return { backingFile: Buffer.from(backingFile, 'utf8'), backingFormat: Buffer.from(backingFormat, 'ascii') };
-}
-
-function validateCreateOptions(options: CreateImageOptions): ResolvedCreateOptions {
-  if (options === null || typeof options !== 'object') throw new TypeError('Expected an object for options');
-  const { size } = options;
-  if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
-    throw new RangeError(`Expected a non-negative integer for options.size, received ${String(size)}`);
-  }
-  const clusterSize = options.clusterSize ?? 65536;
-  if (!Number.isInteger(clusterSize) || clusterSize < 512 || clusterSize > 2 << 20 || (clusterSize & (clusterSize - 1)) !== 0) {
-    throw new RangeError(`Expected a power of two from 512 to 2097152 for options.clusterSize, received ${clusterSize}`);
-  }
-  const version = options.version ?? 3;
-  if (version !== 2 && version !== 3) throw new RangeError(`Expected 2 or 3 for options.version, received ${String(version)}`);
-  const preallocation = options.preallocation ?? 'off';
-  if (!PREALLOCATIONS.includes(preallocation)) {
-    throw new RangeError(`Expected one of 'off', 'metadata', 'falloc', 'full' for options.preallocation, received ${String(preallocation)}`);
-  }
-  const refcountBits = options.refcountBits ?? 16;
-  if (!REFCOUNT_WIDTHS.includes(refcountBits) || (version === 2 && refcountBits !== 16)) {
-    throw new RangeError(`Expected one of ${REFCOUNT_WIDTHS.join(', ')} (16 for version 2) for options.refcountBits, received ${refcountBits}`);
-  }
-  if (options.lazyRefcounts === true && version === 2) throw new RangeError('Expected version 3 for options.lazyRefcounts');
-  if (options.signal !== undefined && !(options.signal instanceof AbortSignal)) throw new TypeError('Expected an AbortSignal for options.signal');
-  if (options.onProgress !== undefined && typeof options.onProgress !== 'function') throw new TypeError('Expected a function for options.onProgress');
-  const { chunkBytes } = options;
-  if (chunkBytes !== undefined && (!Number.isSafeInteger(chunkBytes) || chunkBytes < 4096 || chunkBytes % 4096 !== 0)) {
-    throw new RangeError(`Expected a positive multiple of 4096 for options.chunkBytes, received ${String(chunkBytes)}`);
-  }
-  return {
-    sizeBytes: Math.ceil(size / SECTOR_BYTES) * SECTOR_BYTES,
-    layout: new Layout(Math.log2(clusterSize), Math.log2(refcountBits)),
-    version,
-    preallocation,
-    lazyRefcounts: options.lazyRefcounts === true,
-    overwrite: options.overwrite === true,
-    ...validateBacking(options, preallocation),
-    signal: options.signal,
-    onProgress: options.onProgress,
-    chunkBytes,
-  };
-}
 
 /** QEMU's feature name table, so tools can name bits they do not know. */
 function featureNameTable(): HeaderExtension {
@@ -226,11 +111,11 @@ function buildHeader(o: ResolvedCreateOptions, plan: ImagePlan): Qcow2Header {
  * cause (ABORTED for an abort).
  */
 export function createImage(path: string, options: CreateImageOptions): Promise<void> {
-  if (typeof path !== 'string' || path.length === 0) throw new TypeError(`Expected a non-empty path for path, received ${String(path)}`);
+  const target = validatePath(path, 'path');
   const o = validateCreateOptions(options);
   const plan = planImage(o.sizeBytes, o.layout, o.preallocation);
   const header = encodeHeader(buildHeader(o, plan));
-  return writeImage(path, o, plan, header);
+  return writeImage(target, o, plan, header);
 }
 
 function checkAborted(o: ResolvedCreateOptions, path: string): void {

@@ -6,8 +6,8 @@
  */
 import { corrupt, invariant } from './fail.js';
 import { Layout } from './layout.js';
+import { QCOW_MAGIC } from '../qcow2-magic.js';
 
-export const QCOW_MAGIC = 0x514649fb; // "QFI\xfb"
 export const MIN_CLUSTER_BITS = 9;
 /** QEMU cannot open images with clusters above 2 MiB. */
 export const MAX_CLUSTER_BITS = 21;
@@ -18,9 +18,6 @@ export const V3_MIN_HEADER_LENGTH = 104;
 const COMPRESSION_TYPE_OFFSET = 104;
 /** QEMU refuses backing file names longer than this (qcow2.txt "backing_file_size"). */
 export const MAX_BACKING_FILE_NAME_BYTES = 1023;
-/** Offsets of the fields the save and delete commits rewrite in place. */
-export const REFCOUNT_TABLE_POINTER_OFFSET = 48; // refcount_table_offset (8) + refcount_table_clusters (4)
-export const SNAPSHOT_POINTER_OFFSET = 60; // nb_snapshots (4) + snapshots_offset (8)
 
 export const IncompatibleFeature = {
   DIRTY: 1n << 0n,
@@ -232,10 +229,7 @@ function encodeFixedFields(header: Qcow2Header, buf: Buffer): void {
   buf.writeUInt32BE(header.clusterBits, 20);
   buf.writeBigUInt64BE(BigInt(header.size), 24);
   buf.writeUInt32BE(header.cryptMethod, 32);
-  buf.writeUInt32BE(header.l1Size, 36);
-  buf.writeBigUInt64BE(BigInt(header.l1TableOffset), 40);
-  buf.set(encodeRefcountTablePointer(header.refcountTableOffset, header.refcountTableClusters), 48);
-  buf.set(encodeSnapshotPointer(header.nbSnapshots, header.snapshotsOffset), 60);
+  buf.set(encodeMetadataPointers(header), HEADER_POINTERS_OFFSET);
   if (header.version === 2) {
     invariant(header.headerLength === V2_HEADER_LENGTH && header.refcountOrder === 4, 'v2 header shape');
     return;
@@ -251,19 +245,25 @@ function encodeFixedFields(header: Qcow2Header, buf: Buffer): void {
   }
 }
 
-/** nb_snapshots + snapshots_offset: 12 contiguous bytes written in one pwrite (the snapshot commit point). */
-export function encodeSnapshotPointer(nbSnapshots: number, snapshotsOffset: number): Buffer {
-  const buf = Buffer.alloc(12);
-  buf.writeUInt32BE(nbSnapshots, 0);
-  buf.writeBigUInt64BE(BigInt(snapshotsOffset), 4);
-  return buf;
-}
+/** Byte offset of l1_size, the first of the header fields a commit switches (qcow2.txt "Header"). */
+export const HEADER_POINTERS_OFFSET = 36;
+/** l1_size (4) + l1_table_offset (8) + refcount_table_offset (8) + refcount_table_clusters (4) + nb_snapshots (4) + snapshots_offset (8). */
+export const HEADER_POINTERS_BYTES = 36;
 
-/** refcount_table_offset + refcount_table_clusters: 12 contiguous bytes written in one pwrite. */
-export function encodeRefcountTablePointer(offset: number, clusters: number): Buffer {
-  const buf = Buffer.alloc(12);
-  buf.writeBigUInt64BE(BigInt(offset), 0);
-  buf.writeUInt32BE(clusters, 8);
+/** The header fields a commit switches in one write (header bytes 36..72, shadow-commit.ts). */
+export type MetadataPointers = Pick<
+  Qcow2Header,
+  'l1Size' | 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters' | 'nbSnapshots' | 'snapshotsOffset'
+>;
+
+export function encodeMetadataPointers(p: MetadataPointers): Buffer {
+  const buf = Buffer.alloc(HEADER_POINTERS_BYTES);
+  buf.writeUInt32BE(p.l1Size, 0);
+  buf.writeBigUInt64BE(BigInt(p.l1TableOffset), 4);
+  buf.writeBigUInt64BE(BigInt(p.refcountTableOffset), 12);
+  buf.writeUInt32BE(p.refcountTableClusters, 20);
+  buf.writeUInt32BE(p.nbSnapshots, 24);
+  buf.writeBigUInt64BE(BigInt(p.snapshotsOffset), 28);
   return buf;
 }
 

@@ -24,7 +24,7 @@ import { invariant } from './fail.js';
 import { forEachReachedTable } from './reach.js';
 import type { ByteExtent } from './allocator.js';
 import type { RefcountStore } from './refcount.js';
-import { allocatorFor, freedBy, loadRefcounts, reclaim, runsToExtents } from './space.js';
+import { allocatorFor, freedBy, reclaim, runsToExtents } from './space.js';
 import { commitShadow, shadowActiveTables, type FreshWrite } from './shadow-commit.js';
 import { asWritten, encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 
@@ -34,11 +34,16 @@ export interface KeepOut {
   endOffset: number;
 }
 
-export async function deleteSnapshotAt(state: ImageState, index: number, keep: KeepOut = { extents: [], endOffset: 0 }): Promise<SnapshotEntry> {
+/** `rc`: the image's refcounts as committed, loaded for this delete and changed only by it. */
+export async function deleteSnapshotAt(
+  state: ImageState,
+  rc: RefcountStore,
+  index: number,
+  keep: KeepOut = { extents: [], endOffset: 0 },
+): Promise<SnapshotEntry> {
   const { layout, header, file } = state;
   const victim = state.snapshots[index];
   invariant(victim !== undefined, 'snapshot index in range');
-  const rc = await loadRefcounts(state);
   // Free runs as committed, before any refcount changes in memory: nothing this delete frees can be handed out.
   const { alloc, committedFree, endOffset } = await allocatorFor(rc, { exclude: keep.extents });
   await dropSnapshotReferences(state, rc, victim);

@@ -32,35 +32,40 @@
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { L1Table, L2Table, QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
 import { invariant, unsupported } from './fail.js';
-import type { WritePiece } from '../stream/sink.js';
 import type { ImageState } from './image-state.js';
 import { forEachReachedTable } from './reach.js';
-import { findFreeRuns, subtractExtents, type ByteExtent, type ClusterAllocator, type ClusterRun } from './allocator.js';
-import { Discarder } from './discard.js';
 import type { RefcountStore } from './refcount.js';
-import { allocatorFor, freedBy, loadRefcounts, reclaim, runsToExtents } from './space.js';
+import { findFreeRuns, type ByteExtent, type ClusterAllocator, type ClusterRun } from './allocator.js';
+import { Discarder } from './discard.js';
+import { allocatorFor, freedBy, reclaim, runsToExtents } from './space.js';
 import { VmStateRuns } from './vmstate-runs.js';
+import type { WritePiece } from '../stream/sink.js';
 import { commitShadow, shadowActiveTables, type ActiveShadow, type FreshWrite, type MetadataPointers } from './shadow-commit.js';
+import { saveReservationBytes } from './save-preallocate.js';
 import {
   asWritten,
   encodeSnapshotTable,
   ICOUNT_DISABLED,
-  KNOWN_EXTRA_DATA_BYTES,
-  MAX_SNAPSHOT_NAME_BYTES,
   nextSnapshotId,
-  SNAPSHOT_HEADER_BYTES,
+  QCOW_MAX_SNAPSHOTS,
+  QCOW_MAX_SNAPSHOTS_SIZE_BYTES,
+  snapshotTableBytesWithNew,
   type SnapshotEntry,
 } from './snapshot-table.js';
 
 export interface SaveReservation {
-  /** Where the vmstate's first byte goes; cluster aligned. Without `chunkBytes` the vmstate is contiguous from here. */
-  hostOffset: number;
+  /**
+   * File offset of the vmstate's first byte; cluster aligned (the stream
+   * sink's baseOffset). Without `chunkBytes` at begin the vmstate is
+   * contiguous from here; with it, SaveTransaction.place() says where.
+   */
+  baseOffset: number;
   /** The most vmstate bytes the image can describe (QEMU's 32 MiB L1 limit). */
   maxLength: number;
 }
 
 export interface SaveMetadata {
-  /** Exact vmstate length in bytes, already written at hostOffset and fdatasync'ed. */
+  /** Exact vmstate length in bytes, already written at baseOffset and fdatasync'ed. */
   vmStateSize: number;
   /** Guest clock at the save, nanoseconds (QEMU's vm_clock_nsec). Default 0. */
   vmClockNs?: bigint | number;
@@ -70,6 +75,14 @@ export interface SaveMetadata {
   icount?: bigint;
 }
 
+/**
+ * reserved -> committing -> pastCommitPoint -> committed, or -> aborted.
+ * pastCommitPoint: the header write was issued and may have reached the
+ * disk, so the point of no return is passed: a failure from here on must not
+ * truncate the file back.
+ */
+type Phase = 'reserved' | 'committing' | 'pastCommitPoint' | 'committed' | 'aborted';
+
 export interface SaveBeginOptions {
   /** A power of two (the O_DIRECT alignment); every vmstate run starts and ends on it. */
   alignmentBytes?: number;
@@ -77,11 +90,7 @@ export interface SaveBeginOptions {
   chunkBytes?: number;
   /** Expected vmstate length (a best-fit hint). */
   expectedBytes?: number;
-  /** Clusters another operation holds (never used). */
-  exclude?: readonly ByteExtent[];
 }
-
-type Phase = 'reserved' | 'committing' | 'referenced' | 'committed' | 'aborted';
 
 interface SavePlan {
   rc: RefcountStore;
@@ -97,31 +106,34 @@ interface SavePlan {
 
 export class SaveTransaction implements SaveReservation {
   readonly name: string;
-  readonly hostOffset: number;
+  readonly baseOffset: number;
   readonly maxLength: number;
   /** Where each logical byte of the vmstate goes. */
   readonly runs: VmStateRuns;
   private readonly _state: ImageState;
+  /** The refcounts, loaded once for the whole save (the caller's check used the same store). */
+  private readonly _rc: RefcountStore;
   private readonly _fileSizeAtBegin: number;
   /** The allocated end at begin(): the reservation of preallocate 'space' starts here. */
   private readonly _endAtBegin: number;
   /** Refcount blocks in the image at begin() (they may all be copied; reservation bound). */
   private readonly _refcountBlocks: number;
   private _phase: Phase = 'reserved';
-  /** Space was reserved with fallocate (preallocate: 'space'): metadata goes to the reserved end, not to punched runs. */
+  /** Space was reserved with fallocate (preallocate 'space'): metadata goes to the reserved end, not to punched runs. */
   private _reserved = false;
   /** Logical bytes handed to place() so far: what an abort must discard. */
   private _placedEnd = 0;
   /** Metadata written before the commit point (discarded by an abort). */
   private _freshWrites: ByteExtent[] = [];
 
-  private constructor(state: ImageState, name: string, runs: VmStateRuns, endAtBegin: number, refcountBlocks: number) {
+  private constructor(state: ImageState, rc: RefcountStore, name: string, runs: VmStateRuns, endAtBegin: number) {
     const { layout, header } = state;
     this._state = state;
-    this._refcountBlocks = refcountBlocks;
+    this._rc = rc;
+    this._refcountBlocks = rc.blockCount;
     this.name = name;
     this.runs = runs;
-    this.hostOffset = runs.hostOffset(0);
+    this.baseOffset = runs.hostOffset(0);
     const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - layout.vmStateL1Index(header.size);
     this.maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - runs.tailOffset + runs.tailLogical));
     this._fileSizeAtBegin = state.fileSizeBytes;
@@ -129,22 +141,22 @@ export class SaveTransaction implements SaveReservation {
   }
 
   /**
-   * Chooses where the vmstate goes. The caller has checked the name and
-   * holds the write lock. Alignment may push the tail past the end of file;
-   * the clusters skipped stay free.
+   * Chooses where the vmstate goes. The caller has checked the name, holds
+   * the write lock, and passes the image's refcounts, freshly loaded and not
+   * yet changed; the save keeps them until it commits. Alignment may push the
+   * tail past the end of file; the clusters skipped stay free.
    */
-  static async begin(state: ImageState, name: string, options: SaveBeginOptions = {}): Promise<SaveTransaction> {
+  static async begin(state: ImageState, rc: RefcountStore, name: string, options: SaveBeginOptions = {}): Promise<SaveTransaction> {
     const { layout } = state;
-    const rc = await loadRefcounts(state);
     const end = await rc.allocationEnd();
     const alignBytes = options.alignmentBytes ?? 1;
     const step = Math.max(layout.clusterSize, alignBytes);
     let runs = new VmStateRuns([], Math.ceil(end / step) * step, layout.clusterSize);
     if (options.chunkBytes !== undefined) {
-      const free = subtractExtents(await findFreeRuns(rc, layout.clustersFor(end)), options.exclude ?? [], layout);
+      const free = await findFreeRuns(rc, layout.clustersFor(end));
       runs = VmStateRuns.plan(free, end, layout, { chunkBytes: options.chunkBytes, alignBytes, expectedBytes: options.expectedBytes });
     }
-    return new SaveTransaction(state, name, runs, end, rc.blockCount);
+    return new SaveTransaction(state, rc, name, runs, end);
   }
 
   /** Where a buffer of the stream goes (StreamSink.place); remembers how far the vmstate reached. */
@@ -153,7 +165,7 @@ export class SaveTransaction implements SaveReservation {
     return this.runs.place(logical, length);
   }
 
-  /** Byte ranges this save may write: its runs and everything past the tail it reached. */
+  /** Byte ranges this save may write: its runs, and the tail as far as it reached. */
   heldExtents(): ByteExtent[] {
     const tail = { offset: this.runs.tailOffset, length: this.heldEndOffset - this.runs.tailOffset };
     return [...this.runs.extents.map((e) => ({ offset: e.offset, length: e.length })), tail];
@@ -164,17 +176,13 @@ export class SaveTransaction implements SaveReservation {
     return this.runs.tailOffset + Math.max(0, this._placedEnd - this.runs.tailLogical);
   }
 
-  get phase(): Phase {
-    return this._phase;
-  }
-
   async commit(meta: SaveMetadata): Promise<SnapshotEntry> {
     invariant(this._phase === 'reserved', `commit in phase ${this._phase}`);
     validateSaveMetadata(meta, this.maxLength);
     this._phase = 'committing';
     const plan = await this.plan(meta);
     await commitShadow(this._state, plan.writes, plan.pointers, () => {
-      this._phase = 'referenced';
+      this._phase = 'pastCommitPoint';
     });
     this.committed(plan);
     this._state.fileSizeBytes = (await this._state.file.stat()).size;
@@ -185,53 +193,26 @@ export class SaveTransaction implements SaveReservation {
   }
 
   /**
-   * The byte ranges a save of up to `vmStateBytes` can occupy: its vmstate
-   * runs, then from the allocated end an upper bound of its metadata (vmstate L2 tables, the L1
-   * copy, the new snapshot table, copies of the active L1 and of every active
-   * L2 table, a copy of every refcount block plus new ones, and a fresh,
-   * possibly grown refcount table). Reserving them up front turns a full disk
-   * into an ENOSPC before the first vmstate byte; commit() then gives back
-   * what the save did not use.
+   * The byte ranges a save of up to `vmStateBytes` can occupy, to reserve
+   * with preallocate 'space': the vmstate's runs inside the file (punched
+   * holes need their blocks back), then from the allocated end the vmstate's
+   * tail and a bound of the metadata (save-preallocate.ts). Metadata then goes
+   * only to that reserved end; commit() cuts what the save did not use.
    */
   reservationExtents(vmStateBytes: number): ByteExtent[] {
     const { layout } = this._state;
     const expected = Math.min(vmStateBytes, this.maxLength);
-    const vmBytes = layout.clustersFor(expected) * layout.clusterSize;
-    const metadataBytes = this.reservationBytes(vmStateBytes) - vmBytes;
+    const metadataBytes = this.reservationBytes(expected) - layout.clustersFor(expected) * layout.clusterSize;
     this._reserved = true;
-    // The runs inside the file (punched holes need their blocks back), then the end: the vmstate's tail and the metadata.
     const inside = this.runs.usedExtents(Math.min(expected, this.runs.tailLogical));
     const tailBytes = Math.max(0, expected - this.runs.tailLogical);
     const end = this.runs.tailOffset + layout.clustersFor(tailBytes) * layout.clusterSize + metadataBytes;
     return [...inside, { offset: this._endAtBegin, length: end - this._endAtBegin }];
   }
 
-  private reservationBytes(vmStateBytes: number): number {
-    const { layout, l1, header } = this._state;
-    const vmClusters = layout.clustersFor(Math.min(vmStateBytes, this.maxLength));
-    const l2Tables = Math.ceil(vmClusters / layout.l2Entries);
-    const l1Entries = Math.max(l1.entries, layout.vmStateL1Index(header.size) + l2Tables);
-    let activeL2Tables = 0;
-    for (let i = 0; i < l1.entries; i++) if (l1.rawOffset(i) !== 0) activeL2Tables++;
-    // Our entry: fixed part, extra data, an id of at most 20 digits, the longest name, 8-byte alignment.
-    const entryBytes = SNAPSHOT_HEADER_BYTES + KNOWN_EXTRA_DATA_BYTES + 20 + MAX_SNAPSHOT_NAME_BYTES + 8;
-    const fresh =
-      vmClusters +
-      l2Tables +
-      layout.clustersFor(l1Entries * 8) +
-      layout.clustersFor(this._state.snapshotTableBytes + entryBytes) +
-      layout.clustersFor(l1.entries * 8) +
-      activeL2Tables;
-    const newBlocks = Math.ceil((fresh + this._refcountBlocks) / layout.refblockEntries) + 2;
-    const endCluster = layout.clusterIndex(this.runs.tailOffset) + fresh + this._refcountBlocks + newBlocks;
-    // RefcountStore.relocate asks for 1.5 x the entries in use when it grows; bound it by the whole end of file.
-    const tableClusters = Math.max(
-      header.refcountTableClusters,
-      layout.clustersFor(Math.ceil((endCluster / layout.refblockEntries + 4) * 1.5) * 8),
-    );
-    // Every existing block may be copied; new ones cover the fresh clusters, the copies and the table.
-    const blocks = this._refcountBlocks + newBlocks + Math.ceil(tableClusters / layout.refblockEntries) + 1;
-    return (fresh + blocks + tableClusters) * layout.clusterSize;
+  /** Bytes past the tail that a contiguous save of up to `vmStateBytes` can occupy (save-preallocate.ts); a pure query. */
+  reservationBytes(vmStateBytes: number): number {
+    return saveReservationBytes(this._state, { baseOffset: this.runs.tailOffset, maxLength: this.maxLength }, this._refcountBlocks, vmStateBytes);
   }
 
   /**
@@ -265,7 +246,7 @@ export class SaveTransaction implements SaveReservation {
   private async plan(meta: SaveMetadata): Promise<SavePlan> {
     const { layout, header, l1 } = this._state;
     const vmClusters = layout.clustersFor(meta.vmStateSize);
-    const rc = await loadRefcounts(this._state);
+    const rc = this._rc;
     // Free runs as committed, before any refcount changes in memory: nothing this save frees can be handed out.
     const { alloc, committedFree, endOffset } = await allocatorFor(rc, { endOnly: this._reserved });
     for (const e of this.runs.usedExtents(meta.vmStateSize)) alloc.takeRange(layout.clusterIndex(e.offset), e.length / layout.clusterSize);
@@ -387,6 +368,15 @@ function buildVmStateL2s(alloc: ClusterAllocator, runs: VmStateRuns, vmClusters:
   return tables;
 }
 
-export function snapshotExistsError(name: string): SnapshotError {
-  return new SnapshotError(ErrorCode.SNAPSHOT_EXISTS, `a snapshot named or numbered '${name}' already exists`);
+/** A new snapshot named `name` must not clash with any id or name, and must fit QEMU's table limits. */
+export function refuseNewSnapshot(snapshots: readonly SnapshotEntry[], name: string): void {
+  if (snapshots.some((s) => s.name === name || s.id === name)) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_EXISTS, `a snapshot named or numbered '${name}' already exists`);
+  }
+  if (snapshots.length >= QCOW_MAX_SNAPSHOTS) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the image already has ${QCOW_MAX_SNAPSHOTS} snapshots`);
+  }
+  if (snapshotTableBytesWithNew(snapshots, name) > QCOW_MAX_SNAPSHOTS_SIZE_BYTES) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_LIMIT, `the snapshot table would exceed QEMU's limit of ${QCOW_MAX_SNAPSHOTS_SIZE_BYTES} bytes`);
+  }
 }

@@ -3,12 +3,13 @@
  * (open), and the small metadata walks shared by save, delete and check.
  */
 import { corrupt } from './fail.js';
+import { acquireImageLocks, READER_LOCKS, WRITER_LOCKS, type LockPlan } from './lock.js';
 import { readExact, type MetaFile } from './file.js';
 import { decodeHeader, HEADER_PROBE_BYTES, probeClusterBits, type Qcow2Header } from './header.js';
 import { assertNoOverlap, fixedMetadataRanges, validateHeader, type MetadataRange } from './header-validate.js';
 import type { Layout } from './layout.js';
 import { L1Table, L2Table } from './cluster-map.js';
-import { readPadded } from './refcount.js';
+import { readPadded, RefcountStore } from './refcount.js';
 import {
   decodeSnapshotTable,
   QCOW_MAX_SNAPSHOTS_SIZE_BYTES,
@@ -84,4 +85,32 @@ export async function readL2(state: Pick<ImageState, 'file' | 'layout' | 'fileSi
 export async function readSnapshotL1(state: ImageState, entry: SnapshotEntry): Promise<L1Table> {
   const bytes = await readPadded(state.file, entry.l1TableOffset, entry.l1Size * 8, state.fileSizeBytes);
   return new L1Table(bytes, state.layout);
+}
+
+/** The image's refcount table and blocks as committed now (offset and size validated at open). */
+export function loadRefcounts(state: ImageState): Promise<RefcountStore> {
+  const { file, layout, header, fileSizeBytes } = state;
+  return RefcountStore.load(file, layout, header.refcountTableOffset, header.refcountTableClusters, fileSizeBytes);
+}
+
+/**
+ * Opens an image on `file`: QEMU's lock bytes first (none with forceShare),
+ * then the validated state. A dirty image (lazy refcounts not written back)
+ * may be read but not written. The caller closes `file` on failure.
+ */
+export async function openImageState(
+  file: MetaFile,
+  config: { readonly readOnly: boolean; readonly forceShare: boolean },
+): Promise<{ state: ImageState; locks: LockPlan | undefined }> {
+  const locks = config.forceShare ? undefined : config.readOnly ? READER_LOCKS : WRITER_LOCKS;
+  if (locks !== undefined) await acquireImageLocks(file, locks);
+  const state = await loadImageState(file);
+  if (state.dirty && !config.readOnly) {
+    throw corrupt(
+      'the dirty bit is set (lazy refcounts were not written back); refusing to write. ' +
+        'Repair with `qemu-img check -r all`',
+      { path: file.path, offset: 72 },
+    );
+  }
+  return { state, locks };
 }

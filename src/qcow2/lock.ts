@@ -60,7 +60,7 @@ export async function acquireImageLocks(file: MetaFile, plan: LockPlan): Promise
         await file.setLock(byte, 1, 'read');
       } catch (err) {
         // Only a foreign write lock can refuse a shared lock; QEMU never takes one, so report it as held.
-        if (isSnapshotError(err, 'EAGAIN')) throw lockedError(file, byte % 100, 0, 'use');
+        if (isSnapshotError(err, ErrorCode.EAGAIN)) throw lockedError(file, byte % 100, 0, 'use');
         throw err;
       }
     }

@@ -21,37 +21,17 @@
  */
 import { L1Table, L2Table } from './cluster-map.js';
 import { invariant } from './fail.js';
-import type { Qcow2Header } from './header.js';
+import { encodeMetadataPointers, HEADER_POINTERS_BYTES, HEADER_POINTERS_OFFSET, type MetadataPointers } from './header.js';
 import type { ImageState } from './image-state.js';
 import { forEachReachedTable } from './reach.js';
 import type { ClusterAllocator } from './allocator.js';
 import type { RefcountStore } from './refcount.js';
 
-/** Byte offset of l1_size, the first of the header fields the commit replaces (qcow2.txt "Header"). */
-export const HEADER_POINTERS_OFFSET = 36;
-/** l1_size (4) + l1_table_offset (8) + refcount_table_offset (8) + refcount_table_clusters (4) + nb_snapshots (4) + snapshots_offset (8). */
-export const HEADER_POINTERS_BYTES = 36;
-
-/** The header fields a commit switches (header bytes 36..72). */
-export type MetadataPointers = Pick<
-  Qcow2Header,
-  'l1Size' | 'l1TableOffset' | 'refcountTableOffset' | 'refcountTableClusters' | 'nbSnapshots' | 'snapshotsOffset'
->;
+export type { MetadataPointers } from './header.js';
 
 export interface FreshWrite {
   offset: number;
   bytes: Buffer;
-}
-
-export function encodeMetadataPointers(p: MetadataPointers): Buffer {
-  const buf = Buffer.alloc(HEADER_POINTERS_BYTES);
-  buf.writeUInt32BE(p.l1Size, 0);
-  buf.writeBigUInt64BE(BigInt(p.l1TableOffset), 4);
-  buf.writeBigUInt64BE(BigInt(p.refcountTableOffset), 12);
-  buf.writeUInt32BE(p.refcountTableClusters, 20);
-  buf.writeUInt32BE(p.nbSnapshots, 24);
-  buf.writeBigUInt64BE(BigInt(p.snapshotsOffset), 28);
-  return buf;
 }
 
 export interface ActiveShadow {
@@ -60,8 +40,6 @@ export interface ActiveShadow {
   l1Offset: number;
   /** Fresh copies of the L2 tables whose COPIED bits changed, and of the L1 if it changed. */
   writes: FreshWrite[];
-  /** How many active L2 tables were copied (for figures and tests). */
-  copiedL2Tables: number;
 }
 
 /**
@@ -108,12 +86,12 @@ export async function shadowActiveTables(state: ImageState, rc: RefcountStore, a
     next.setCopied(i, (await rc.getAsync(layout.clusterIndex(l2Offset))) === 1);
   }
   if (next.bytes.equals(l1.bytes)) {
-    return { l1, l1Offset: header.l1TableOffset, writes, copiedL2Tables: moved.size };
+    return { l1, l1Offset: header.l1TableOffset, writes };
   }
   const l1Offset = alloc.allocBytes(l1.entries * 8);
   await rc.release(header.l1TableOffset, l1.entries * 8);
   writes.push({ offset: l1Offset, bytes: next.bytes });
-  return { l1: next, l1Offset, writes, copiedL2Tables: moved.size };
+  return { l1: next, l1Offset, writes };
 }
 
 /**

@@ -9,6 +9,7 @@
  * does not fit, so older readers see a disk-only snapshot rather than a
  * truncated one.
  */
+import { ErrorCode, SnapshotError } from '../errors.js';
 import { corrupt, invariant } from './fail.js';
 import type { Layout } from './layout.js';
 import { QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
@@ -25,8 +26,6 @@ export const SNAPSHOT_HEADER_BYTES = 40;
 export const KNOWN_EXTRA_DATA_BYTES = 24;
 /** qcow2.txt: version 3 images must include extra data up to disk_size. */
 export const V3_MIN_EXTRA_DATA_BYTES = 16;
-/** QEMU keeps names in a 256-byte C string (QEMUSnapshotInfo.name); longer ones are truncated when listed. */
-export const MAX_SNAPSHOT_NAME_BYTES = 255;
 /** icount value meaning "record/replay was off" (QEMU writes -1). */
 export const ICOUNT_DISABLED = -1n;
 
@@ -226,4 +225,11 @@ export function snapshotTableBytesWithNew(entries: readonly SnapshotEntry[], nam
 export function findSnapshot(entries: readonly SnapshotEntry[], idOrName: string): number {
   const byId = entries.findIndex((e) => e.id === idOrName);
   return byId >= 0 ? byId : entries.findIndex((e) => e.name === idOrName);
+}
+
+/** findSnapshot(), or SNAPSHOT_NOT_FOUND. */
+export function requireSnapshot(entries: readonly SnapshotEntry[], idOrName: string): number {
+  const index = findSnapshot(entries, idOrName);
+  if (index < 0) throw new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `no snapshot with id or name '${idOrName}'`);
+  return index;
 }

@@ -16,8 +16,8 @@
  */
 import { ClusterAllocator, findFreeRuns, subtractExtents, type ByteExtent, type ClusterRun } from './allocator.js';
 import { Discarder, findNonZero } from './discard.js';
-import type { ImageState } from './image-state.js';
-import { RefcountStore } from './refcount.js';
+import { loadRefcounts, type ImageState } from './image-state.js';
+import type { RefcountStore } from './refcount.js';
 
 export interface SpaceReport {
   /** File length in bytes (the device size for a block device). */
@@ -32,12 +32,6 @@ export interface SpaceReport {
   pastEndBytes: number;
   /** Of pastEndBytes, those that are not all zero (not scanned on a block device: undefined). */
   pastEndDataBytes: number | undefined;
-}
-
-/** Loads the committed refcounts of the image as the header names them. */
-export function loadRefcounts(state: ImageState): Promise<RefcountStore> {
-  const { file, layout, header, fileSizeBytes } = state;
-  return RefcountStore.load(file, layout, header.refcountTableOffset, header.refcountTableClusters, fileSizeBytes);
 }
 
 export function runsToExtents(runs: readonly ClusterRun[], clusterSize: number): ByteExtent[] {

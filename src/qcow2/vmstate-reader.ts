@@ -24,7 +24,8 @@ import { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { alignDown, alignUp } from '../io/alignment.js';
 import { TargetFile, type DirectMode } from '../io/target-file.js';
-import { MAX_BUFFER_SIZE, MAX_BUFFERS, validateInteger } from '../options.js';
+import { MAX_BUFFER_SIZE, MAX_BUFFERS } from '../stream/options.js';
+import { validateChoice, validateInteger, validateOptionsObject } from '../validate.js';
 import type { L1Table, L2Table } from './cluster-map.js';
 import { corrupt, invariant, unsupported } from './fail.js';
 import { readL2, readSnapshotL1, type ImageState } from './image-state.js';
@@ -54,16 +55,10 @@ export interface ResolvedVmStateReadOptions {
 
 /** Validates once, at the edge: TypeError/RangeError naming the option. */
 export function validateVmStateReadOptions(options: unknown): ResolvedVmStateReadOptions {
-  if (options !== undefined && (options === null || typeof options !== 'object')) {
-    throw new TypeError(`Expected an object for options, received ${String(options)}`);
-  }
-  const o = (options ?? {}) as VmStateReadOptions;
+  const o = validateOptionsObject<VmStateReadOptions>(options, 'options', ['chunkBytes', 'readAhead', 'direct']);
   const chunkBytes = validateInteger(o.chunkBytes ?? VMSTATE_READ_CHUNK_BYTES, 'options.chunkBytes', MIN_CHUNK_BYTES, MAX_BUFFER_SIZE);
   const readAhead = validateInteger(o.readAhead ?? DEFAULT_READ_AHEAD, 'options.readAhead', 1, MAX_BUFFERS);
-  const direct = o.direct ?? 'auto';
-  if (direct !== true && direct !== false && direct !== 'auto') {
-    throw new TypeError(`Expected one of true, false, 'auto' for options.direct, received ${String(direct)}`);
-  }
+  const direct = validateChoice<DirectMode>(o.direct ?? 'auto', 'options.direct', [true, false, 'auto']);
   return Object.freeze({ chunkBytes, readAhead, direct });
 }
 

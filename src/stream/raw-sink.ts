@@ -7,11 +7,19 @@ import { unlink } from 'node:fs/promises';
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
-import type { ResolvedStreamOptions } from '../options.js';
+import { QCOW_MAGIC } from '../qcow2-magic.js';
+import type { StreamConfig } from './options.js';
 import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from './sink.js';
 
-/** qcow2 magic 'QFI\xfb' (qcow2.txt, "Header"). */
-const QCOW2_MAGIC = 0x514649fb;
+/** What a raw target needs beyond the stream's own options. */
+export interface RawTargetConfig extends StreamConfig {
+  /** Aligned file offset of logical byte 0. */
+  readonly offset: number;
+  /** Permission bits for a file this stream creates. */
+  readonly mode: number;
+  /** 'raw' allows writing over a file that looks like a qcow2 image. */
+  readonly format: 'raw' | 'qcow2' | undefined;
+}
 
 class RawSink implements StreamSink {
   readonly file: TargetFile;
@@ -44,12 +52,12 @@ class RawSink implements StreamSink {
 }
 
 /** Opens the target, creating it (mode 0600 by default) when missing. */
-async function openTarget(path: string, opts: ResolvedStreamOptions): Promise<{ file: TargetFile; created: boolean }> {
+async function openTarget(path: string, opts: RawTargetConfig): Promise<{ file: TargetFile; created: boolean }> {
   const base = { write: true, direct: opts.direct, mode: opts.mode, threads: STREAM_IO_THREADS };
   try {
     return { file: await TargetFile.open(path, { ...base, create: false }), created: false };
   } catch (err) {
-    if (!(err instanceof SnapshotError) || err.code !== 'ENOENT') throw err;
+    if (!(err instanceof SnapshotError) || err.code !== ErrorCode.ENOENT) throw err;
   }
   try {
     return { file: await TargetFile.open(path, { ...base, create: true, exclusive: true }), created: true };
@@ -66,7 +74,7 @@ async function refuseQcow2(file: TargetFile): Promise<void> {
   const probe = file.allocBuffer(Math.max(file.alignment, 4096));
   await file.read(probe, 0);
   const magic = (((probe[0] as number) << 24) | ((probe[1] as number) << 16) | ((probe[2] as number) << 8) | (probe[3] as number)) >>> 0;
-  if (magic === QCOW2_MAGIC) {
+  if (magic === QCOW_MAGIC) {
     throw new SnapshotError(
       ErrorCode.NOT_RAW,
       `'${file.path}' is a qcow2 image; pass { snapshot } to save into it, or { format: 'raw' } to overwrite it`,
@@ -75,7 +83,7 @@ async function refuseQcow2(file: TargetFile): Promise<void> {
   }
 }
 
-export function rawSinkFactory(path: string, opts: ResolvedStreamOptions): SinkFactory {
+export function rawSinkFactory(path: string, opts: RawTargetConfig): SinkFactory {
   return async () => {
     const { file, created } = await openTarget(path, opts);
     try {

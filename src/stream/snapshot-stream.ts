@@ -13,7 +13,7 @@ import { Writable } from 'node:stream';
 import { assert } from '../assert.js';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { alignUp } from '../io/alignment.js';
-import type { ResolvedStreamOptions } from '../options.js';
+import type { StreamConfig } from './options.js';
 import { Ring } from './ring.js';
 import type { SinkFactory, StreamSink } from './sink.js';
 
@@ -38,7 +38,7 @@ interface VecEntry {
 }
 
 export class SnapshotStream extends Writable {
-  private readonly _opts: ResolvedStreamOptions;
+  private readonly _opts: StreamConfig;
   private readonly _openSink: SinkFactory;
   private _sink: StreamSink | undefined;
   private _ring: Ring | undefined;
@@ -59,7 +59,7 @@ export class SnapshotStream extends Writable {
   private readonly _onAbort: () => void;
   private readonly _resume: () => void;
 
-  constructor(options: ResolvedStreamOptions, openSink: SinkFactory) {
+  constructor(options: StreamConfig, openSink: SinkFactory) {
     super({ highWaterMark: WRITABLE_HIGH_WATER_MARK, decodeStrings: false });
     this._opts = options;
     this._openSink = openSink;

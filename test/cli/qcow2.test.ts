@@ -11,18 +11,10 @@ import { readSnapshotVmState } from '../helpers/qcow2-vmstate.js';
 import { killAllVms, withPausedVm } from '../helpers/qemu.js';
 import { pseudoRandom } from '../helpers/streams.js';
 import { qemuImg, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
-import * as api from '../../src/index.js';
 import { errLines, runBin, runShell } from './bin-harness.js';
 
 const sha256 = (data: Uint8Array) => createHash('sha256').update(data).digest('hex');
 const skip = requireTool('qemu-img', 'qemu-io', 'qemu-system-x86_64');
-/**
- * The CLI reaches qcow2 only through the public API. Until src/index.ts
- * exports openImage/createImage (and routes createSnapshotStream's
- * { snapshot }), these tests are todo; they run as soon as it does.
- */
-const qcow2Exported = 'openImage' in api && 'createImage' in api;
-const itQcow2 = (qcow2Exported ? it : it.todo) as typeof it;
 
 /** Odd on purpose: the last vmstate cluster is partial. */
 const VMSTATE_BYTES = 3 * 2 ** 20 + 777;
@@ -46,7 +38,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     await dir.cleanup();
   });
 
-  itQcow2('create makes an image qemu-img reads as asked', async () => {
+  it('create makes an image qemu-img reads as asked', async () => {
     const r = await runBin(['create', image, '64M', '--cluster-size', '64K']);
     expect(r.code, r.stderr).toBe(0);
     const info = await qemuImg.info(image);
@@ -56,7 +48,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(info['format-specific']?.data.compat).toBe('1.1');
   });
 
-  itQcow2('create honours --compat 0.10, --preallocation and --cluster-size', async () => {
+  it('create honours --compat 0.10, --preallocation and --cluster-size', async () => {
     const v2 = join(dir.path, 'v2.qcow2');
     const r = await runBin(['create', v2, '32M', '--compat', '0.10', '--preallocation', 'metadata', '--cluster-size', '128K', '-q']);
     expect(r.code, r.stderr).toBe(0);
@@ -67,7 +59,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect((await qemuImg.check(v2)).exitCode).toBe(0);
   });
 
-  itQcow2('save stores a vmstate file as a snapshot that qemu-img lists and the bytes match', async () => {
+  it('save stores a vmstate file as a snapshot that qemu-img lists and the bytes match', async () => {
     const r = await runBin(['save', image, 'snap1', statePath]);
     expect(r.code, r.stderr).toBe(0);
     const list = await qemuImg.snapshotList(image);
@@ -75,13 +67,13 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(sha256(await readSnapshotVmState(image, 'snap1'))).toBe(sha256(state));
   });
 
-  itQcow2('save reads stdin at the end of a pipe', async () => {
+  it('save reads stdin at the end of a pipe', async () => {
     const r = await runBin(['save', image, 'snap2', '-'], { input: piped });
     expect(r.code, r.stderr).toBe(0);
     expect(sha256(await readSnapshotVmState(image, 'snap2'))).toBe(sha256(piped));
   });
 
-  itQcow2('list --json agrees with qemu-img info --output=json', async () => {
+  it('list --json agrees with qemu-img info --output=json', async () => {
     const r = await runBin(['list', image, '--json']);
     expect(r.code, r.stderr).toBe(0);
     const ours = JSON.parse(r.stdout.toString()) as Array<Record<string, unknown>>;
@@ -100,7 +92,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     });
   });
 
-  itQcow2('list prints a table with every snapshot', async () => {
+  it('list prints a table with every snapshot', async () => {
     const r = await runBin(['list', image]);
     expect(r.code).toBe(0);
     const lines = r.stdout.toString().trim().split('\n');
@@ -108,7 +100,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(lines.slice(1).map((l) => l.split(/\s+/)[1])).toEqual(['snap1', 'snap2']);
   });
 
-  itQcow2('check --json agrees with qemu-img check --output=json', async () => {
+  it('check --json agrees with qemu-img check --output=json', async () => {
     const r = await runBin(['check', image, '--json']);
     expect(r.code, r.stderr).toBe(0);
     const ours = JSON.parse(r.stdout.toString()) as Record<string, number>;
@@ -123,26 +115,26 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(plain.stdout.toString()).toBe(`No errors were found on the image ${image}.\n`);
   });
 
-  itQcow2('export to stdout carries only the vmstate: piped into a hash, it matches', async () => {
+  it('export to stdout carries only the vmstate: piped into a hash, it matches', async () => {
     const r = await runShell(`$SNAPSTREAM export '${image}' snap1 - | sha256sum`);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stderr).toBe('');
     expect(r.stdout.toString().split(' ')[0]).toBe(sha256(state));
   });
 
-  itQcow2('export to a file writes the exact vmstate', async () => {
+  it('export to a file writes the exact vmstate', async () => {
     const out = join(dir.path, 'exported.bin');
     const r = await runBin(['export', image, 'snap2', out]);
     expect(r.code, r.stderr).toBe(0);
     expect(sha256(readFileSync(out))).toBe(sha256(piped));
   });
 
-  itQcow2('export into a reader that stops early (| head) exits quietly', async () => {
+  it('export into a reader that stops early (| head) exits quietly', async () => {
     const r = await runShell(`$SNAPSTREAM export '${image}' snap1 - | head -c 100 > /dev/null; echo "status=\${PIPESTATUS[0]}" >&2`);
     expect(r.stderr.trim()).toBe('status=0');
   });
 
-  itQcow2('an unknown snapshot is SNAPSHOT_NOT_FOUND with a hint to list, exit 1', async () => {
+  it('an unknown snapshot is SNAPSHOT_NOT_FOUND with a hint to list, exit 1', async () => {
     const r = await runBin(['export', image, 'nope', '-'], {});
     expect(r.code).toBe(1);
     expect(r.stdout.length).toBe(0);
@@ -151,14 +143,14 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(lines[1]).toBe(`hint: see the snapshots with: snapstream list ${image}`);
   });
 
-  itQcow2('saving an existing name is SNAPSHOT_EXISTS, exit 1, and the image stays clean', async () => {
+  it('saving an existing name is SNAPSHOT_EXISTS, exit 1, and the image stays clean', async () => {
     const r = await runBin(['save', image, 'snap1', statePath]);
     expect(r.code).toBe(1);
     expect(errLines(r)[0]).toMatch(/^snapstream: SNAPSHOT_EXISTS: /);
     expect((await qemuImg.check(image)).exitCode).toBe(0);
   });
 
-  itQcow2('delete removes a snapshot; deleting it again fails with exit 1', async () => {
+  it('delete removes a snapshot; deleting it again fails with exit 1', async () => {
     expect((await runBin(['delete', image, 'snap2'])).code).toBe(0);
     expect((await qemuImg.snapshotList(image)).map((s) => s.name)).toEqual(['snap1']);
     expect((await qemuImg.check(image)).exitCode).toBe(0);
@@ -167,7 +159,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(errLines(again)[0]).toMatch(/^snapstream: SNAPSHOT_NOT_FOUND: /);
   });
 
-  itQcow2('a missing image is one ENOENT line, exit 1', async () => {
+  it('a missing image is one ENOENT line, exit 1', async () => {
     const missing = join(dir.path, 'missing.qcow2');
     const r = await runBin(['list', missing]);
     expect(r.code).toBe(1);
@@ -175,7 +167,7 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(errLines(r)[0]).toMatch(/^snapstream: ENOENT: .*missing\.qcow2/);
   });
 
-  itQcow2('an image held by a running QEMU is IMAGE_LOCKED, naming QEMU in the hint; -U still lists it', async () => {
+  it('an image held by a running QEMU is IMAGE_LOCKED, naming QEMU in the hint; -U still lists it', async () => {
     await withPausedVm({ ramMiB: 16, image }, async () => {
       const r = await runBin(['save', image, 'while-running', statePath]);
       expect(r.code).toBe(1);

@@ -207,9 +207,9 @@ describe.skipIf(qemuMissing)('free runs in an image where QEMU deleted a snapsho
     const path = await work.image({ sizeBytes: 64 << 20, clusterSize: 65536 });
     await qemuIo(path, ['write -P 0x11 0 4M']);
     const img = await openImage(path);
-    const { hostOffset } = await img.beginSave('gone');
+    const { baseOffset } = await img.beginSave('gone');
     const data = await TargetFile.open(path, { write: true, direct: false });
-    await data.write(pseudoRandom(3 << 20, 7), hostOffset);
+    await data.write(pseudoRandom(3 << 20, 7), baseOffset);
     await data.datasync();
     await data.close();
     await img.commitSave({ vmStateSize: 3 << 20 });

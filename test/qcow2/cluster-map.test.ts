@@ -83,9 +83,9 @@ describe.skipIf(qemuMissing)('compressed clusters in real images', () => {
       const ours = await img.check();
       expect(ours.compressedClusters).toBe(before['compressed-clusters']);
       expect(ours.allocatedClusters).toBe(before['allocated-clusters']);
-      const { hostOffset } = await img.beginSave('over-compressed');
+      const { baseOffset } = await img.beginSave('over-compressed');
       const f = await TargetFile.open(path, { write: true, direct: false });
-      await f.write(pseudoRandom(100_000, 1), hostOffset);
+      await f.write(pseudoRandom(100_000, 1), baseOffset);
       await f.datasync();
       await f.close();
       await img.commitSave({ vmStateSize: 100_000 });

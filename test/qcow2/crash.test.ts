@@ -198,9 +198,9 @@ describe.skipIf(qemuMissing)('crash consistency (replayed crashes at every sync 
     const img = file === undefined ? await openImage(path) : await Image.fromFile(file);
     let base = Buffer.alloc(0);
     try {
-      const { hostOffset } = await img.beginSave(name);
+      const { baseOffset } = await img.beginSave(name);
       const data = await TargetFile.open(path, { write: true, direct: false });
-      await data.write(vm, hostOffset);
+      await data.write(vm, baseOffset);
       await data.datasync();
       await data.close();
       base = await readFile(path);
@@ -328,9 +328,9 @@ describe.skipIf(qemuMissing)('crash consistency (replayed crashes at every sync 
       const img = await Image.fromFile(file);
       let failed = false;
       try {
-        const { hostOffset } = await img.beginSave('new');
+        const { baseOffset } = await img.beginSave('new');
         const data = await TargetFile.open(path, { write: true, direct: false });
-        await data.write(vm, hostOffset);
+        await data.write(vm, baseOffset);
         await data.datasync();
         await data.close();
         file.failAt = failAt;

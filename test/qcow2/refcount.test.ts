@@ -51,9 +51,9 @@ describe.skipIf(qemuMissing)('refcounts in real images', () => {
       await guestWrite(path, 'write -P 0x21 0 2M');
       const img = await openImage(path);
       try {
-        const { hostOffset } = await img.beginSave('one');
+        const { baseOffset } = await img.beginSave('one');
         const f = await TargetFile.open(path, { write: true, direct: false });
-        await f.write(pseudoRandom(300_000, refcountBits), hostOffset);
+        await f.write(pseudoRandom(300_000, refcountBits), baseOffset);
         await f.datasync();
         await f.close();
         await img.commitSave({ vmStateSize: 300_000 });
@@ -74,9 +74,9 @@ describe.skipIf(qemuMissing)('refcounts in real images', () => {
     const vmstate = pseudoRandom(6 << 20, 99);
     const img = await openImage(path);
     try {
-      const { hostOffset } = await img.beginSave('grown');
+      const { baseOffset } = await img.beginSave('grown');
       const f = await TargetFile.open(path, { write: true, direct: false });
-      await f.write(vmstate, hostOffset);
+      await f.write(vmstate, baseOffset);
       await f.datasync();
       await f.close();
       await img.commitSave({ vmStateSize: vmstate.length });

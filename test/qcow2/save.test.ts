@@ -17,12 +17,12 @@ async function collect(stream: NodeJS.ReadableStream): Promise<Buffer> {
   return Buffer.concat(parts);
 }
 
-/** beginSave + a plain write of `data` at hostOffset + fdatasync + commitSave. */
+/** beginSave + a plain write of `data` at baseOffset + fdatasync + commitSave. */
 async function saveWithCalls(img: Image, name: string, data: Buffer, vmClockNs = 0n): Promise<void> {
-  const { hostOffset } = await img.beginSave(name);
+  const { baseOffset } = await img.beginSave(name);
   const file = await TargetFile.open(img.path, { write: true, create: false, direct: false });
   try {
-    if (data.length > 0) await file.write(data, hostOffset);
+    if (data.length > 0) await file.write(data, baseOffset);
     await file.datasync();
   } finally {
     await file.close();
@@ -139,7 +139,7 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     const path = await work.image({ sizeBytes: 32 << 20 });
     const vmstate = pseudoRandom(777_777, 3);
     const opts = validateStreamOptions({ snapshot: 'by-path', vmClockNs: 5_000_000_000n });
-    await pipeline(fromChunks([vmstate]), new SnapshotStream(opts, qcow2SinkFactory(path, opts)));
+    await pipeline(fromChunks([vmstate]), new SnapshotStream(opts, qcow2SinkFactory(path, 'by-path', opts)));
     expect((await qemuImg.check(path)).exitCode).toBe(0);
     expect(await qemuImg.snapshotList(path)).toMatchObject([{ name: 'by-path', vmStateSize: 777_777, vmClockNs: 5_000_000_000n }]);
     const img = await openImage(path);
@@ -179,8 +179,8 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     expect((await qemuImg.check(path)).exitCode).toBe(0);
     const img = await openImage(path);
     try {
-      const { hostOffset } = await img.beginSave('reuse');
-      expect(hostOffset).toBe(Math.ceil(clean / 65536) * 65536);
+      const { baseOffset } = await img.beginSave('reuse');
+      expect(baseOffset).toBe(Math.ceil(clean / 65536) * 65536);
       await img.abortSave();
       await saveWithCalls(img, 'reuse', pseudoRandom(100_000, 2));
     } finally {
@@ -213,9 +213,9 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     const before = (await stat(path)).size;
     const img = await openImage(path);
     try {
-      const { hostOffset } = await img.beginSave('never');
+      const { baseOffset } = await img.beginSave('never');
       const file = await TargetFile.open(path, { write: true, create: false, direct: false });
-      await file.write(pseudoRandom(1 << 20, 3), hostOffset);
+      await file.write(pseudoRandom(1 << 20, 3), baseOffset);
       await file.close();
       await img.abortSave();
       expect(img.snapshots()).toEqual([]);
@@ -275,20 +275,20 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     const vmstate = pseudoRandom(3 << 20, 9);
     const img = await openImage(path);
     try {
-      const { hostOffset } = await img.beginSave('bounded');
+      const { baseOffset } = await img.beginSave('bounded');
       const save = (img as unknown as { _save: { reservationBytes(bytes: number): number } })._save;
       const bound = save.reservationBytes(vmstate.length);
       const file = await TargetFile.open(img.path, { write: true, create: false, direct: false });
       try {
-        await file.write(vmstate, hostOffset);
+        await file.write(vmstate, baseOffset);
         await file.datasync();
       } finally {
         await file.close();
       }
       await img.commitSave({ vmStateSize: vmstate.length });
       const end = (await stat(path)).size;
-      expect(end - hostOffset).toBeGreaterThan(vmstate.length + 64 * 4096); // the 64 L2 copies are there
-      expect(end - hostOffset).toBeLessThanOrEqual(bound);
+      expect(end - baseOffset).toBeGreaterThan(vmstate.length + 64 * 4096); // the 64 L2 copies are there
+      expect(end - baseOffset).toBeLessThanOrEqual(bound);
     } finally {
       await img.close();
     }

@@ -14,7 +14,6 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as api from '../../src/index.js';
 import { SnapshotError } from '../../src/index.js';
-import { openImage } from '../../src/qcow2/image.js';
 import { fillFs, skipUnlessRan, withLoopFs } from '../helpers/loopfs.js';
 import { qemuImg, qemuIo, requireTool, tmpDir, type SnapshotListEntry, type TmpDir } from '../helpers/tools.js';
 import { privateBuild, REPO } from './private-build.js';
@@ -48,7 +47,7 @@ async function expectMeansWhatItDid(path: string, snapshotsBefore: SnapshotListE
   expect(await qemuImg.snapshotList(path)).toEqual(snapshotsBefore);
 }
 
-/** The public save path once index.ts routes `{ snapshot }`; the Image method until then. */
+/** The public save path: `createSnapshotStream(image, { snapshot })`. */
 async function save(path: string, name: string, bytes: number): Promise<unknown> {
   const chunk = Buffer.alloc(MiB, 0x6b);
   const source = Readable.from(
@@ -56,13 +55,7 @@ async function save(path: string, name: string, bytes: number): Promise<unknown>
       for (let sent = 0; sent < bytes; sent += MiB) yield chunk;
     })(),
   );
-  if ('openImage' in api) return pipeline(source, api.createSnapshotStream(path, { snapshot: name }));
-  const img = await openImage(path);
-  try {
-    return await pipeline(source, img.createSnapshotStream(name));
-  } finally {
-    await img.close();
-  }
+  return pipeline(source, api.createSnapshotStream(path, { snapshot: name }));
 }
 
 describe.skipIf(skip !== undefined)('a save that runs out of room', () => {

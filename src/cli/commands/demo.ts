@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable, Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
-import { createImage, createSnapshotStream, openImage, type StreamOptions } from '../api.js';
+import { createImage, createSnapshotStream, ErrorCode, openImage, type StreamOptions } from '../api.js';
 import type { CliContext } from '../context.js';
 import { sizeArg } from '../options.js';
 import { createRamStream, PAGE_BYTES, type RamStream } from '../ram-stream.js';
@@ -33,7 +33,7 @@ interface DemoFlags {
 }
 
 class DemoFailure extends Error {
-  readonly code = 'DEMO_FAILED';
+  readonly code = ErrorCode.VERIFY_FAILED;
 }
 
 const say = (line: string) => process.stdout.write(`${line}\n`);

@@ -1,0 +1,63 @@
+/**
+ * The options that shape a SnapshotStream itself, whatever its target: ring
+ * geometry, O_DIRECT policy, the size hint and space reservation, the abort
+ * signal. Validated here, with the shared validators, by every entry point
+ * that creates a stream (src/options.ts for a path, src/qcow2 for an open
+ * image); the stream and its sinks then take the resolved values.
+ */
+import type { DirectMode } from '../io/target-file.js';
+import { validateChoice, validateInteger, validateMultiple, validateSignal } from '../validate.js';
+
+/** 4 MiB: large enough that a 4 MiB pwrite runs at device speed (fio here). */
+export const DEFAULT_BUFFER_SIZE = 4 << 20;
+export const DEFAULT_BUFFERS = 2;
+/**
+ * Option-time alignment: every DIO alignment Linux reports for the disks we
+ * target divides 4096. The real alignment is re-checked after open.
+ */
+export const OPTION_ALIGNMENT = 4096;
+export const MAX_BUFFER_SIZE = 256 << 20;
+export const MAX_BUFFERS = 64;
+
+export type Preallocate = 'none' | 'space';
+
+/** The stream's own options, as a caller passes them. */
+export interface StreamCoreOptions {
+  /** Bytes per ring buffer; a multiple of the target's alignment. Default 4 MiB. */
+  bufferSize?: number;
+  /** Buffers in the ring, >= 2. Default 2. */
+  buffers?: number;
+  /** true: O_DIRECT or fail; false: page cache + fdatasync; 'auto': O_DIRECT where the filesystem allows. */
+  direct?: DirectMode;
+  /** Size hint in bytes. */
+  expectedSize?: number;
+  /** 'space': reserve expectedSize before the first byte (immediate ENOSPC). */
+  preallocate?: Preallocate;
+  signal?: AbortSignal;
+}
+
+export const STREAM_CORE_OPTION_KEYS = ['bufferSize', 'buffers', 'direct', 'expectedSize', 'preallocate', 'signal'] as const;
+
+/** What SnapshotStream and the sinks read: every field resolved. */
+export interface StreamConfig {
+  readonly bufferSize: number;
+  readonly buffers: number;
+  readonly direct: DirectMode;
+  readonly expectedSize: number | undefined;
+  readonly preallocate: Preallocate;
+  readonly signal: AbortSignal | undefined;
+}
+
+/** Resolves the core options of an already type-checked options object (see validateOptionsObject). */
+export function resolveStreamCore(o: StreamCoreOptions): StreamConfig {
+  const bufferSize = validateInteger(o.bufferSize ?? DEFAULT_BUFFER_SIZE, 'options.bufferSize', 1, MAX_BUFFER_SIZE);
+  validateMultiple(bufferSize, 'options.bufferSize', OPTION_ALIGNMENT, true);
+  const buffers = validateInteger(o.buffers ?? DEFAULT_BUFFERS, 'options.buffers', 2, MAX_BUFFERS);
+  const direct = validateChoice<DirectMode>(o.direct ?? 'auto', 'options.direct', [true, false, 'auto']);
+  const expectedSize = o.expectedSize === undefined ? undefined : validateInteger(o.expectedSize, 'options.expectedSize', 0);
+  const preallocate = validateChoice<Preallocate>(o.preallocate ?? 'none', 'options.preallocate', ['none', 'space']);
+  if (preallocate === 'space' && expectedSize === undefined) {
+    throw new TypeError(`Expected options.expectedSize with options.preallocate 'space', received undefined`);
+  }
+  return { bufferSize, buffers, direct, expectedSize, preallocate, signal: validateSignal(o.signal, 'options.signal') };
+}
