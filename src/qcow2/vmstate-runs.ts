@@ -101,7 +101,8 @@ export class VmStateRuns {
     const pieces: WritePiece[] = [];
     for (let at = logical; at < end; ) {
       const position = this.hostOffset(at);
-      const runEnd = at >= this.tailLogical ? end : this.extentAt(at).logical + this.extentAt(at).length;
+      const run = at >= this.tailLogical ? undefined : this.extentAt(at);
+      const runEnd = run === undefined ? end : run.logical + run.length;
       const to = Math.min(end, runEnd);
       pieces.push({ from: at - logical, to: to - logical, position });
       at = to;
