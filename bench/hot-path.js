@@ -72,6 +72,7 @@ const nullFile = {
   path: '(null)',
   direct: true,
   alignment: 4096,
+  threads: 1,
   allocBuffer: (length) => allocAligned(length, 4096),
   write: () => Promise.resolve(),
 };
@@ -81,6 +82,7 @@ function wrappedFile(real) {
     path: real.path,
     direct: real.direct,
     alignment: real.alignment,
+    threads: 1,
     allocBuffer: (length) => real.allocBuffer(length),
     write: (buffer, position) => real.write(buffer, position % TMPFS_WRAP_BYTES),
   };

@@ -10,11 +10,12 @@
 import { unlinkSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import { createSnapshotStream } from '../dist/index.js';
+import { DEFAULT_BUFFER_SIZE, DEFAULT_BUFFERS } from '../dist/options.js';
 import { pumpPages } from './lib/pump.js';
 import { startRssSampler } from './lib/rss.js';
 import { createWorkload } from './lib/workload.js';
 
-const [path, streamMiB, buffers = '2', bufferSizeMiB = '4'] = process.argv.slice(2);
+const [path, streamMiB, buffers = String(DEFAULT_BUFFERS), bufferSizeMiB = String(DEFAULT_BUFFER_SIZE / 2 ** 20)] = process.argv.slice(2);
 const workload = createWorkload({ totalBytes: Number(streamMiB) * 2 ** 20 });
 const options = { direct: true, buffers: Number(buffers), bufferSize: Number(bufferSizeMiB) * 2 ** 20 };
 globalThis.gc?.();

@@ -25,6 +25,7 @@ import { formatBytes, median, MiB } from './lib/stats.js';
 import { renderSvg } from './lib/svg.js';
 import { createWorkload, PAIR_BYTES, workloadOfSize } from './lib/workload.js';
 import { TARGETS } from './targets.js';
+import { runVmBench } from './vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const REPO_DIR = dirname(BENCH_DIR);
@@ -44,6 +45,7 @@ async function main() {
   }
   if (opts.throughput) await runThroughput(opts);
   if (opts.hotPath) runHotPath(opts);
+  if (opts.vm) await runVmBench({ reps: opts.vmReps });
 }
 
 function selectCases(opts) {
@@ -74,14 +76,14 @@ async function runThroughput(opts) {
   };
   console.log(`snapstream throughput: ${cases.length} writers x ${opts.reps} repetitions, round-robin`);
   const load = os.loadavg()[0];
-  console.log(`  load average ${load.toFixed(2)} on ${env.cpus} CPUs${load > env.cpus / 2 ? ': the machine is busy, CPU-bound writers (e, f) will suffer more than (g)' : ''}`);
+  console.log(`  load average ${load.toFixed(2)} on ${env.cpus} CPUs${load > env.cpus / 2 ? ': the machine is busy, CPU-bound writers (e, f) will suffer more than the device cells' : ''}`);
   console.log(`  fast writers ${config.fastSize} of pages, slow writers (a, b, d) ${config.slowSize}; MiB/s of stream bytes (4104 per page), fsync included`);
   mkdirSync(TMP_DIR, { recursive: true });
   const samples = new Map(cases.map((c) => [c.id, []]));
   const hashes = new Map();
   try {
     const states = new Map();
-    for (const c of cases) states.set(c.id, await c.prepare?.({ workload: sized[c.sizeClass] }));
+    for (const c of cases) states.set(c.id, await c.prepare?.({ workload: sized[c.sizeClass], tmpDir: TMP_DIR }));
     if (!opts.quick) {
       process.stdout.write('  warm-up:');
       for (const c of cases) {
@@ -112,6 +114,7 @@ async function runThroughput(opts) {
     return {
       id: c.id,
       label: c.label,
+      kind: c.kind ?? 'write',
       sizeClass: c.sizeClass,
       streamBytes: sized[c.sizeClass].pageCount * 4096,
       medianMiBps: median(s.map((x) => x.MiBps)),
@@ -120,7 +123,21 @@ async function runThroughput(opts) {
   });
   env.loadAvgEnd = os.loadavg();
   const rssProbe = cases.some((c) => c.id === 'f') ? probeRss(opts) : undefined;
-  report({ date: new Date().toISOString(), env, config, results, rssProbe });
+  report({ date: new Date().toISOString(), env, config, results, references: references(results), rssProbe });
+}
+
+/**
+ * The device references of this run (DESIGN.md): the best median among the
+ * device-write cells, and among the device-read cells.
+ */
+function references(results) {
+  const best = (kind) => {
+    const cells = results.filter((r) => r.kind === kind);
+    if (cells.length === 0) return undefined;
+    const top = cells.reduce((x, y) => (y.medianMiBps > x.medianMiBps ? y : x));
+    return { id: top.id, medianMiBps: top.medianMiBps };
+  };
+  return { write: best('device-write'), read: best('device-read') };
 }
 
 /** The memory target, measured in a fresh process (bench/rss-probe.js) with (f)'s options. */
@@ -147,7 +164,7 @@ async function runOnce(c, workload, state, rep, hashes) {
     const cpu0 = process.cpuUsage();
     const t0 = performance.now();
     const out = await c.run(ctx, state);
-    const seconds = (performance.now() - t0) / 1000;
+    const seconds = out.seconds ?? (performance.now() - t0) / 1000;
     const cpu = process.cpuUsage(cpu0);
     const loopBusy = performance.eventLoopUtilization(elu0).utilization;
     const expected = c.verifiable === false ? out.bytes : workload.streamBytes;
@@ -208,9 +225,11 @@ async function verify(c, path, workload, hashes) {
   if (got !== want) throw new Error(`(${c.id}) output differs from the page stream`);
 }
 
-function checkTargets(results, rssProbe) {
+function checkTargets(results, refs, rssProbe) {
   const byId = Object.fromEntries(results.map((r) => [r.id, r]));
   if (rssProbe !== undefined && rssProbe.error === undefined) byId.rssProbe = rssProbe;
+  if (refs.write !== undefined) byId.writeRef = refs.write;
+  if (refs.read !== undefined) byId.readRef = refs.read;
   return TARGETS.map((t) => {
     const missing = t.needs.filter((id) => byId[id] === undefined);
     if (missing.length > 0) return { name: t.name, status: 'skipped', reason: `needs (${missing.join('), (')})` };
@@ -231,11 +250,11 @@ function checkTargets(results, rssProbe) {
 function report(run) {
   const { results } = run;
   console.log(`\nload average ${run.env.loadAvgStart[0].toFixed(2)} at start, ${run.env.loadAvgEnd[0].toFixed(2)} at end (${run.env.cpus} CPUs)`);
-  printTable(results);
+  printTable(results, run.references);
   console.log('');
   printAsciiChart(results);
   console.log('\ntargets (DESIGN.md "Performance targets"; a miss does not fail the run):');
-  run.targets = checkTargets(results, run.rssProbe);
+  run.targets = checkTargets(results, run.references, run.rssProbe);
   printTargets(run.targets);
   for (const r of results) {
     const rss = r.samples.map((s) => s.extra?.rssGrowthBytes).filter((v) => v !== undefined);

@@ -1,31 +1,49 @@
 /**
- * The performance targets of DESIGN.md ("Performance targets"), checked on the
- * medians of one run. A miss is printed, never fatal: this is a benchmark.
- * Add a target here when a case for it exists.
+ * The performance targets of DESIGN.md ("Performance targets"), checked on one
+ * run against the device references of that run (bench/run.js references():
+ * writeRef, the best device-write cell; readRef, the best device-read cell).
+ * A miss is printed, never fatal: this is a benchmark. The hot-path target
+ * (within 1.2x a bare Writable) is checked by bench/hot-path.js.
  */
 const MiB = 1 << 20;
+const slowest = (r) => Math.min(...r.samples.map((s) => s.MiBps));
+const times = (v) => `${v.toFixed(2)}x`;
 
 export const TARGETS = [
   {
-    name: '(f) >= 0.9 x (g)   stream vs device',
-    needs: ['f', 'g'],
-    measure: (m) => m.f.medianMiBps / m.g.medianMiBps,
+    name: '(f) median >= 0.9 x device write reference',
+    needs: ['f', 'writeRef'],
+    measure: (m) => ({ value: m.f.medianMiBps / m.writeRef.medianMiBps, detail: `ref (${m.writeRef.id})` }),
     threshold: 0.9,
-    format: (v) => `${v.toFixed(2)}x`,
+    format: times,
   },
   {
-    name: '(q) >= 0.85 x (g)  qcow2 save vs device',
-    needs: ['q', 'g'],
-    measure: (m) => m.q.medianMiBps / m.g.medianMiBps,
+    name: '(f) slowest >= 0.75 x device write reference',
+    needs: ['f', 'writeRef'],
+    measure: (m) => slowest(m.f) / m.writeRef.medianMiBps,
+    threshold: 0.75,
+    format: times,
+  },
+  {
+    name: '(q) median >= 0.85 x device write reference (qcow2 save, commit included)',
+    needs: ['q', 'writeRef'],
+    measure: (m) => m.q.medianMiBps / m.writeRef.medianMiBps,
     threshold: 0.85,
-    format: (v) => `${v.toFixed(2)}x`,
+    format: times,
+  },
+  {
+    name: '(x) median >= 0.9 x device read reference (export)',
+    needs: ['x', 'readRef'],
+    measure: (m) => ({ value: m.x.medianMiBps / m.readRef.medianMiBps, detail: `ref (${m.readRef.id})` }),
+    threshold: 0.9,
+    format: times,
   },
   {
     name: '(f) >= 4 x (a)     stream vs writeSync',
     needs: ['f', 'a'],
     measure: (m) => m.f.medianMiBps / m.a.medianMiBps,
     threshold: 4,
-    format: (v) => `${v.toFixed(2)}x`,
+    format: times,
   },
   {
     name: '(f) RSS growth <= buffers x bufferSize + 32 MiB',

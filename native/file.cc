@@ -85,6 +85,7 @@ Napi::Function NativeFile::Init(Napi::Env env) {
                          InstanceMethod<&NativeFile::Close>("close"),
                          InstanceMethod<&NativeFile::Dispose>("dispose"),
                          InstanceMethod<&NativeFile::Pending>("pending"),
+                         InstanceMethod<&NativeFile::SetConcurrency>("setConcurrency"),
                      });
 }
 
@@ -97,6 +98,7 @@ NativeFile::NativeFile(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Native
   }
   tsfn_ = Napi::TypedThreadSafeFunction<NativeFile, Op, Complete>::New(env, "snapstream.io", 0, 1, this);
   tsfn_.Unref(env);  // only pending operations keep the event loop alive
+  maxRunning_ = threadCount_;
   for (unsigned i = 0; i < threadCount_; i++) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
@@ -154,12 +156,20 @@ void NativeFile::WorkerLoop() {
     Op* op = nullptr;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      // At most maxRunning_ operations run at once, whatever the thread count:
+      // the TypeScript layer lowers it when the device does better with fewer.
+      wake_.wait(lock, [this] { return stopping_ || (!queue_.empty() && running_ < maxRunning_); });
       if (queue_.empty()) return;  // stopping and drained
       op = queue_.front();
       queue_.pop_front();
+      running_++;
     }
     Execute(op);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      running_--;
+    }
+    wake_.notify_one();
     if (tsfn_.NonBlockingCall(op) != napi_ok) {
       // The environment is going away; nobody is left to receive the result.
       // Op is plain data; its Pins stay listed for ~NativeFile on the JS thread.
@@ -328,6 +338,22 @@ Napi::Value NativeFile::Dispose(const Napi::CallbackInfo& info) {
 
 Napi::Value NativeFile::Pending(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), static_cast<double>(pending_));
+}
+
+// setConcurrency(n): at most n operations run at once (1..threads). Queued
+// operations keep their FIFO order; a lower limit applies from the next
+// operation a thread picks up.
+Napi::Value NativeFile::SetConcurrency(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "setConcurrency(n)");
+  int64_t n = info[0].As<Napi::Number>().Int64Value();
+  if (n < 1 || n > static_cast<int64_t>(threadCount_)) throw Napi::RangeError::New(env, "concurrency must be between 1 and the thread count");
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    maxRunning_ = static_cast<unsigned>(n);
+  }
+  wake_.notify_all();
+  return env.Undefined();
 }
 
 }  // namespace snapstream

@@ -6,9 +6,11 @@
 // writes. Each NativeFile therefore owns its threads; completions come back to
 // the JS thread through one ThreadSafeFunction.
 //
-// Ordering: operations run in FIFO order on `threads` workers. With more than
-// one worker, two queued operations may run concurrently; the TypeScript layer
-// issues barriers (datasync, truncate, close) only when nothing else is queued.
+// Ordering: operations start in FIFO order on `threads` workers, at most
+// `setConcurrency(n)` of them at once (default: all threads). With more than
+// one running, two queued operations may run concurrently; the TypeScript
+// layer issues barriers (datasync, truncate, close) only when nothing else is
+// queued.
 #pragma once
 
 #include <napi.h>
@@ -77,6 +79,7 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value Pending(const Napi::CallbackInfo& info);
+  Napi::Value SetConcurrency(const Napi::CallbackInfo& info);
 
   Napi::Value SubmitBare(const Napi::CallbackInfo& info, OpKind kind);
   Napi::Value SubmitRange(const Napi::CallbackInfo& info, OpKind kind, bool modeFirst);
@@ -97,6 +100,8 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   std::condition_variable wake_;
   std::deque<Op*> queue_;
   bool stopping_ = false;
+  unsigned running_ = 0;     // operations executing; guarded by mutex_
+  unsigned maxRunning_ = 1;  // limit on running_; guarded by mutex_
   size_t pending_ = 0;      // JS thread only
   Pins* pinned_ = nullptr;  // JS thread only: head of the list of live Pins
   bool disposed_ = false;

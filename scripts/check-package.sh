@@ -10,12 +10,14 @@
 #  4. run the bin (npx snapstream --help, write, list);
 #  5. write a small snapshot stream through it (raw and qcow2, checked against
 #     a sha256 of the input and qemu-img);
-#  6. installed with --ignore-scripts, the prebuild still loads;
+#  6. installed with --ignore-scripts, the prebuild still loads; the arm64
+#     prebuild runs the ESM check under qemu-aarch64 with Debian's arm64 Node;
 #  7. the fallback: the same tarball without prebuilds/ installs by compiling
 #     from source when compilers are there, and fails loudly when they are not.
 #
 # Usage: scripts/check-package.sh   (needs network access to the npm registry
-# for the package's dependencies, and qemu-img)
+# for the package's dependencies and Debian's arm64 nodejs, qemu-img, and
+# qemu-aarch64 when the package carries an arm64 prebuild)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -103,6 +105,20 @@ new_project "$project4"
   });' "$data/ignore-scripts.raw") || fail "the package installed with --ignore-scripts does not run"
 [ "$(stat -c %s "$data/ignore-scripts.raw")" = 4096 ] || fail "the package installed with --ignore-scripts wrote the wrong length"
 say "installed with --ignore-scripts: the prebuild loads and writes"
+
+# The arm64 prebuild, on an x64 machine: Debian's arm64 Node under
+# qemu-aarch64 loads it from the installed package and runs the ESM check.
+# (qemu-user's statx lacks STATX_DIOALIGN, so this exercises the page-cache
+# path; O_DIRECT itself is exercised natively on x64.)
+if [ -d "$project4/node_modules/snapstream/prebuilds/linux-arm64" ] && [ "$(node -p process.arch)" != arm64 ]; then
+  command -v qemu-aarch64 >/dev/null || fail "qemu-aarch64 is needed to run the arm64 prebuild (Debian: qemu-user)"
+  arm64_root="$(bash scripts/arm64-node.sh "${SNAPSTREAM_ARM64_NODE_DIR:-$work/arm64-node}")" || fail "preparing an arm64 Node"
+  arm64_node=(qemu-aarch64 -L "$arm64_root" "$arm64_root/usr/bin/node")
+  cp scripts/package-check/esm.mjs "$project4"/
+  mkdir "$data/arm64"
+  (cd "$project4" && PATH="$masked_path" "${arm64_node[@]}" esm.mjs "$data/arm64") || fail "the arm64 prebuild under qemu-aarch64"
+  say "arm64: the prebuild ran the ESM check in $("${arm64_node[@]}" -p '`node ${process.version} ${process.arch}`') under qemu-aarch64"
+fi
 
 # 7. No matching prebuild: compile at install when possible, else fail loudly.
 rm -rf "$work/unpacked/package/prebuilds"

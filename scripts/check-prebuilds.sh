@@ -53,7 +53,7 @@ for file in "$dir"/*/*.node; do
   dynsyms="$(readelf --dyn-syms -W "$file")"
   [[ "$dynsyms" == *" GLOBAL DEFAULT "*" napi_register_module_v1"* ]] || fail "$file has no napi_register_module_v1"
 
-  loaded=skipped
+  loaded="not loaded here (another architecture)"
   if [ "$tuple" = "linux-$(node -p process.arch)" ]; then
     node -e '
       const m = { exports: {} };

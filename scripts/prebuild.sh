@@ -11,7 +11,14 @@
 # running Node's headers (the npm `nodedir` when one is configured), not
 # against headers downloaded for some other Node version.
 #
-# Usage: scripts/prebuild.sh        (host architecture only)
+# Architectures: SNAPSTREAM_PREBUILD_ARCHS (default "x64 arm64"). The host's is
+# built natively; another is cross-built with the Debian cross compiler
+# (g++-aarch64-linux-gnu for arm64, g++-x86-64-linux-gnu for x64), and a
+# missing cross compiler is an error, so a pack never silently lacks one.
+# scripts/check-package.sh loads and runs the arm64 binary under qemu-aarch64
+# with Debian's arm64 Node (scripts/arm64-node.sh).
+#
+# Usage: scripts/prebuild.sh
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,11 +38,28 @@ if [ -z "${npm_config_nodedir:-}" ]; then
   fi
 fi
 
+host="$(node -p process.arch)"
 rm -rf prebuilds
-arch="$(node -p process.arch)"
-echo "prebuild: building the Node-API addon for linux-$arch (glibc)"
-node_modules/.bin/prebuildify --napi --strip --tag-libc --name snapstream.napi \
-  --target "node@$(node -p process.versions.node)" --arch "$arch" --out "$root" "$work" \
-  >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
+for arch in ${SNAPSTREAM_PREBUILD_ARCHS:-x64 arm64}; do
+  case "$arch" in
+    x64) triplet=x86_64-linux-gnu ;;
+    arm64) triplet=aarch64-linux-gnu ;;
+    *) echo "prebuild: unsupported architecture $arch (x64, arm64)" >&2; exit 1 ;;
+  esac
+  cross=()
+  strip_bin=strip
+  if [ "$arch" != "$host" ]; then
+    if ! command -v "$triplet-g++" >/dev/null; then
+      echo "prebuild: $triplet-g++ not found: install the cross compiler (Debian: g++-${triplet//_/-}) or set SNAPSTREAM_PREBUILD_ARCHS=$host" >&2
+      exit 1
+    fi
+    cross=(CC="$triplet-gcc" CXX="$triplet-g++" LINK="$triplet-g++" AR="$triplet-ar")
+    strip_bin="$triplet-strip"
+  fi
+  echo "prebuild: building the Node-API addon for linux-$arch (glibc)${cross:+, cross-compiled with $triplet-g++}"
+  env "${cross[@]}" node_modules/.bin/prebuildify --napi --strip --strip-bin "$strip_bin" --tag-libc --name snapstream.napi \
+    --target "node@$(node -p process.versions.node)" --arch "$arch" --out "$root" "$work" \
+    >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
+done
 
 bash scripts/check-prebuilds.sh prebuilds

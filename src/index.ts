@@ -6,6 +6,7 @@
  *
  *   src/cli/     argument parsing, progress, exit codes      -> src/index.ts
  *   src/index.ts this API (options for a path: src/options.ts)
+ *   src/vm/      QMP client, savevm/loadvm of a running QEMU (DESIGN.md "Checkpoint and restore")
  *   src/qcow2/   the image, its on-disk structures, the save sink
  *   src/stream/  SnapshotStream: the ring, backpressure, progress
  *   src/io/      TargetFile: typed facade over the addon
@@ -28,6 +29,11 @@ export { openImage, Image } from './qcow2/image.js';
 export type { OpenImageOptions, SaveStreamOptions, SnapshotInfo, CheckResult } from './qcow2/image.js';
 export type { VmStateReadOptions, VmStateReadStream } from './qcow2/vmstate-reader.js';
 export { createImage } from './qcow2/create.js';
+export { connectVm, VmConnection } from './vm/connect.js';
+export type { ConnectVmOptions } from './vm/connect.js';
+export type { SaveVmOptions, SaveVmProgress, SaveVmResult, SaveVmDisk } from './vm/savevm.js';
+export type { LoadVmOptions, LoadVmProgress, LoadVmResult } from './vm/loadvm.js';
+export { QmpError } from './vm/qmp.js';
 export type { CreateImageOptions, Preallocation } from './qcow2/create.js';
 
 /**

@@ -1,20 +1,19 @@
 /**
- * (f) The product: createSnapshotStream with its defaults (2 x 4 MiB ring,
+ * (f) The product: createSnapshotStream with its defaults (src/options.ts,
  * O_DIRECT required). (f2) is a deeper ring. Both record peak RSS growth,
  * checked against buffers x bufferSize + 32 MiB (DESIGN.md, "Memory").
  */
 import { createSnapshotStream } from '../../dist/index.js';
+import { DEFAULT_BUFFER_SIZE, DEFAULT_BUFFERS } from '../../dist/options.js';
 import { pumpPages } from '../lib/pump.js';
 import { startRssSampler } from '../lib/rss.js';
 
-const DEFAULT_BUFFERS = 2;
-const DEFAULT_BUFFER_BYTES = 4 << 20;
 
 export function snapshotStreamCase({ id, label, buffers, bufferSize }) {
   const options = { direct: true };
   if (buffers !== undefined) options.buffers = buffers;
   if (bufferSize !== undefined) options.bufferSize = bufferSize;
-  const ringBytes = (buffers ?? DEFAULT_BUFFERS) * (bufferSize ?? DEFAULT_BUFFER_BYTES);
+  const ringBytes = (buffers ?? DEFAULT_BUFFERS) * (bufferSize ?? DEFAULT_BUFFER_SIZE);
   return {
     id,
     label,
@@ -36,4 +35,7 @@ export function snapshotStreamCase({ id, label, buffers, bufferSize }) {
   };
 }
 
-export default snapshotStreamCase({ id: 'f', label: 'createSnapshotStream (2 x 4 MiB, O_DIRECT)' });
+export default snapshotStreamCase({
+  id: 'f',
+  label: `createSnapshotStream defaults (${DEFAULT_BUFFERS} x ${DEFAULT_BUFFER_SIZE >> 20} MiB, O_DIRECT)`,
+});

@@ -1,44 +1,57 @@
 /**
- * (g) The device reference (DESIGN.md, "Performance targets"): the addon
- * writing aligned 4 MiB blocks, 2 in flight on 2 native threads, then
- * fdatasync. No packing, no stream: what the disk takes from this process.
+ * The device references (DESIGN.md, "Performance targets"): what the disk
+ * does for large sequential O_DIRECT I/O from this process, with no packing
+ * and no stream. The grid is 1, 2 and 4 requests in flight at 4 and 16 MiB;
+ * the write reference of a run is the best median of the write cells, the
+ * read reference the best median of the read cells.
+ *
+ * Addon cells use the addon's own writer/reader (TargetFile, one native
+ * thread per request in flight). fio cells (bench/cases/fio-device.js) do the
+ * same through libaio when fio is installed.
  */
 import { TargetFile } from '../../dist/io/target-file.js';
 import { allocAligned } from '../../dist/io/alignment.js';
+import { readSourcePath } from '../lib/read-source.js';
 
-const BLOCK_BYTES = 4 << 20;
+export const IN_FLIGHT = [1, 2, 4];
+export const BLOCK_MIB = [4, 16];
 
-/**
- * `inFlight` 2 is the reference of the targets. `inFlight` 1 is a diagnostic:
- * with a 2-buffer ring, one buffer fills while the other is written, so the
- * disk mostly sees one 4 MiB write at a time; (g1) is the ceiling for that.
- */
-export function deviceCase({ id, label, inFlight }) {
+function fillBlocks(workload, count, blockBytes) {
+  // Pool data, so the device sees incompressible bytes like every other writer.
+  const blocks = [];
+  for (let b = 0; b < count; b++) {
+    const buf = allocAligned(blockBytes, 4096);
+    const from = (b * blockBytes) % workload.pool.length;
+    buf.set(workload.pool.subarray(from, Math.min(from + blockBytes, workload.pool.length)));
+    blocks.push(buf);
+  }
+  return blocks;
+}
+
+/** Keeps `inFlight` requests outstanding over [0, total) in `blockBytes` steps. */
+async function sweep(total, blockBytes, inFlight, issue) {
+  const pending = [];
+  for (let pos = 0, n = 0; pos < total; pos += blockBytes, n++) {
+    if (pending.length === inFlight) await pending.shift();
+    pending.push(issue(n % inFlight, pos));
+  }
+  await Promise.all(pending);
+}
+
+function deviceWrite(inFlight, blockMiB) {
+  const blockBytes = blockMiB << 20;
   return {
-    id,
-    label,
+    id: `g${blockMiB}x${inFlight}`,
+    label: `device write: addon, ${blockMiB} MiB O_DIRECT, ${inFlight} in flight`,
+    kind: 'device-write',
     sizeClass: 'fast',
     verifiable: false,
-    prepare(ctx) {
-      // Pool data, so the device sees incompressible bytes like every other writer.
-      const blocks = [];
-      for (let b = 0; b < inFlight; b++) {
-        const buf = allocAligned(BLOCK_BYTES, 4096);
-        buf.set(ctx.workload.pool.subarray(b * BLOCK_BYTES, (b + 1) * BLOCK_BYTES));
-        blocks.push(buf);
-      }
-      return { blocks };
-    },
+    prepare: (ctx) => ({ blocks: fillBlocks(ctx.workload, inFlight, blockBytes) }),
     async run(ctx, { blocks }) {
-      const total = Math.ceil((ctx.workload.pageCount * 4096) / BLOCK_BYTES) * BLOCK_BYTES;
+      const total = Math.ceil((ctx.workload.pageCount * 4096) / blockBytes) * blockBytes;
       const f = await TargetFile.open(ctx.path, { write: true, create: true, truncate: true, direct: true, threads: inFlight });
-      if (!f.direct) throw new Error(`(${id}) O_DIRECT is not in effect`);
-      const pending = [];
-      for (let pos = 0, n = 0; pos < total; pos += BLOCK_BYTES, n++) {
-        if (pending.length === inFlight) await pending.shift();
-        pending.push(f.write(blocks[n % inFlight], pos));
-      }
-      await Promise.all(pending);
+      if (!f.direct) throw new Error(`O_DIRECT is not in effect for ${ctx.path}`);
+      await sweep(total, blockBytes, inFlight, (slot, pos) => f.write(blocks[slot], pos));
       await f.datasync();
       await f.close();
       return { bytes: total };
@@ -46,4 +59,33 @@ export function deviceCase({ id, label, inFlight }) {
   };
 }
 
-export default deviceCase({ id: 'g', label: 'device: addon, 4 MiB O_DIRECT, 2 in flight', inFlight: 2 });
+function deviceRead(inFlight, blockMiB) {
+  const blockBytes = blockMiB << 20;
+  return {
+    id: `rd${blockMiB}x${inFlight}`,
+    label: `device read: addon, ${blockMiB} MiB O_DIRECT, ${inFlight} in flight`,
+    kind: 'device-read',
+    sizeClass: 'fast',
+    verifiable: false,
+    container: true,
+    async prepare(ctx) {
+      await readSourcePath(ctx.workload); // written here, untimed
+      return { blocks: Array.from({ length: inFlight }, () => allocAligned(blockBytes, 4096)) };
+    },
+    async run(ctx, { blocks }) {
+      const source = await readSourcePath(ctx.workload);
+      const total = Math.floor((ctx.workload.pageCount * 4096) / blockBytes) * blockBytes;
+      const f = await TargetFile.open(source, { write: false, direct: true, threads: inFlight });
+      if (!f.direct) throw new Error(`O_DIRECT is not in effect for ${source}`);
+      let bytes = 0;
+      await sweep(total, blockBytes, inFlight, async (slot, pos) => {
+        bytes += await f.read(blocks[slot], pos);
+      });
+      await f.close();
+      return { bytes };
+    },
+  };
+}
+
+export const deviceWriteCases = BLOCK_MIB.flatMap((m) => IN_FLIGHT.map((n) => deviceWrite(n, m)));
+export const deviceReadCases = BLOCK_MIB.flatMap((m) => IN_FLIGHT.map((n) => deviceRead(n, m)));

@@ -6,11 +6,14 @@
  *   {
  *     id: 'f',                    // short, unique; used by --only and in results
  *     label: '...',               // one line for the table
+ *     kind?: 'device-write' | 'device-read' | 'read', // default: a writer. Device cells form the
+ *                                 // references; 'read' cases are compared with the read reference
  *     sizeClass: 'fast' | 'slow', // 'slow' writers get --slow-size bytes (rates are rates)
  *     verifiable?: false,         // its file is not the page stream (skip --verify)
  *     available?(): string|undefined, // a reason to skip (e.g. a module not built yet)
  *     prepare?(ctx) -> state,     // untimed: allocate buffers
- *     run(ctx, state) -> { bytes, extra? },  // timed, including the final fsync/fdatasync
+ *     run(ctx, state) -> { bytes, seconds?, extra? },  // timed, including the final fsync/fdatasync;
+ *                                 // `seconds` overrides the runner's clock (fio reports its own)
  *   }
  *
  * ctx = { workload, path, rep, tmpDir, helpers }. `path` is a fresh file in
@@ -27,10 +30,11 @@ import d from './d-write-stream.js';
 import e from './e-ring-no-overlap.js';
 import f from './f-snapshot-stream.js';
 import f2 from './f2-snapshot-stream-deep.js';
-import g from './g-device.js';
-import g1 from './g1-device-qd1.js';
+import { fioCases } from './fio-device.js';
+import { deviceReadCases, deviceWriteCases } from './g-device.js';
 import q, { qcow2Preallocated as qp } from './q-qcow2-save.js';
 import r, { rawPreallocated as rp } from './r-raw-prealloc.js';
+import { fileToQcow2 as sf, socketAlone as sn, socketToQcow2 as s } from './s-socket-source.js';
 import x from './x-vmstate-export.js';
 
-export const CASES = [a, b, c, d, e, f, f2, r, rp, q, qp, x, g1, g];
+export const CASES = [a, b, c, d, e, f, f2, r, rp, q, qp, s, sf, sn, x, ...deviceWriteCases, ...deviceReadCases, ...fioCases];

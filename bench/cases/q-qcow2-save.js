@@ -1,7 +1,7 @@
 /**
  * (q) and (qp): 1 GiB of vmstate saved as an internal snapshot of a qcow2
  * image, createSnapshotStream(img, { snapshot }), from creating the image to
- * the committed snapshot. DESIGN.md's target: (q) >= 0.85 x (g). (qp) adds
+ * the committed snapshot. DESIGN.md's target: (q) >= 0.85 x the device write reference. (qp) adds
  * `preallocate: 'space'` (vmstate run and metadata reserved up front) and
  * reports the reservation time and the extent count of the image.
  */

@@ -2,8 +2,8 @@
  * (x) Export: 1 GiB of vmstate read back from a qcow2 internal snapshot,
  * img.createVmStateReadStream(name) with its defaults (4 MiB chunks, 2 read
  * ahead) and O_DIRECT required, into a Writable that discards every chunk.
- * Compare with (g), the device's write reference: no read reference exists
- * in the table, so the ratio is read speed over write speed of one disk.
+ * Compared with the device read reference of the same run (the best of the
+ * rd* and fio-r* cells).
  *
  * The image is written once, untimed, in prepare (the page stream saved by
  * createSnapshotStream with O_DIRECT), so no page of it is in the page cache,
@@ -27,6 +27,7 @@ const DISK_BYTES = 1 << 30;
 export default {
   id: 'x',
   label: 'qcow2 export: createVmStateReadStream (O_DIRECT, 2 x 4 MiB read-ahead)',
+  kind: 'read',
   sizeClass: 'fast',
   verifiable: false,
   container: true,

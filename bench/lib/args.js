@@ -9,7 +9,10 @@ export const USAGE = `usage: node bench/run.js [options]
   --only a,f,g       run only these cases
   --verify           check every output file byte for byte against the stream
   --no-hot-path      skip the benny suite (bench/hot-path.js)
-  --hot-path-only    run only the benny suite`;
+  --hot-path-only    run only the benny suite
+  --no-vm            skip the savevm/loadvm case (bench/vm.js: QEMU, 1 GiB guest)
+  --vm-only          run only the savevm/loadvm case
+  --vm-reps N        repetitions of the savevm/loadvm case (default 3)`;
 
 export function parseOptions(argv) {
   const { values } = parseArgs({
@@ -23,6 +26,9 @@ export function parseOptions(argv) {
       verify: { type: 'boolean', default: false },
       'no-hot-path': { type: 'boolean', default: false },
       'hot-path-only': { type: 'boolean', default: false },
+      'no-vm': { type: 'boolean', default: false },
+      'vm-only': { type: 'boolean', default: false },
+      'vm-reps': { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -41,7 +47,9 @@ export function parseOptions(argv) {
     slowBytes: int(values['slow-size'], 'slow-size', quick ? 32 : 256) * 2 ** 20,
     only: values.only?.split(',').map((s) => s.trim()).filter(Boolean),
     verify: values.verify || quick,
-    hotPath: !values['no-hot-path'],
-    throughput: !values['hot-path-only'],
+    hotPath: !values['no-hot-path'] && !values['vm-only'],
+    throughput: !values['hot-path-only'] && !values['vm-only'],
+    vm: !values['no-vm'] && !values['hot-path-only'] && !quick,
+    vmReps: int(values['vm-reps'], 'vm-reps', 3),
   };
 }

@@ -13,7 +13,7 @@ function esc(s) {
 }
 
 function colorOf(id) {
-  if (id === 'g') return '#6b7280';
+  if (id.startsWith('g') || id.startsWith('rd') || id.startsWith('fio')) return '#6b7280';
   if (id.startsWith('f')) return '#2563eb';
   if (id === 'e') return '#60a5fa';
   return '#f59e0b';
@@ -21,7 +21,8 @@ function colorOf(id) {
 
 export function renderSvg(run) {
   const results = run.results;
-  const g = results.find((r) => r.id === 'g')?.medianMiBps;
+  // The write reference; readers are drawn against the same axis.
+  const g = run.references?.write?.medianMiBps;
   const max = Math.max(...results.flatMap((r) => r.samples.map((s) => s.MiBps)));
   const plot = WIDTH - LEFT - RIGHT;
   const x = (v) => LEFT + (v / max) * plot;
@@ -39,7 +40,7 @@ export function renderSvg(run) {
   }
   if (g !== undefined) {
     out.push(`<line x1="${x(0.9 * g).toFixed(1)}" y1="${TOP - 6}" x2="${x(0.9 * g).toFixed(1)}" y2="${TOP + results.length * ROW}" stroke="#dc2626" stroke-dasharray="4 3"/>`);
-    out.push(`<text x="${x(0.9 * g).toFixed(1)}" y="${TOP + results.length * ROW + 32}" text-anchor="middle" fill="#dc2626">0.9 x (g)</text>`);
+    out.push(`<text x="${x(0.9 * g).toFixed(1)}" y="${TOP + results.length * ROW + 32}" text-anchor="middle" fill="#dc2626">0.9 x write ref</text>`);
   }
   results.forEach((r, i) => {
     const y = TOP + i * ROW;
@@ -48,7 +49,7 @@ export function renderSvg(run) {
     for (const s of r.samples) {
       out.push(`<circle cx="${x(s.MiBps).toFixed(1)}" cy="${y + ROW / 2}" r="2.5" fill="#111827" fill-opacity="0.6"/>`);
     }
-    const rel = g !== undefined ? `  ${(r.medianMiBps / g).toFixed(2)}x (g)` : '';
+    const rel = g !== undefined ? `  ${(r.medianMiBps / g).toFixed(2)}x write ref` : '';
     out.push(`<text x="${(x(r.medianMiBps) + 6).toFixed(1)}" y="${y + 18}">${r.medianMiBps.toFixed(0)}${esc(rel)}</text>`);
   });
   out.push('</svg>');

@@ -2,7 +2,7 @@
  * The slice of the public API (src/index.ts) the command line uses, and
  * nothing deeper.
  */
-export { createSnapshotStream, createImage, openImage, ErrorCode, SnapshotError, isSnapshotError } from '../index.js';
+export { createSnapshotStream, createImage, openImage, connectVm, ErrorCode, SnapshotError, isSnapshotError } from '../index.js';
 export type {
   StreamOptions,
   ProgressEvent,

@@ -73,6 +73,14 @@ function hintFor(code: string, message: string, context: ErrorContext): string |
       return `the target is full; --expected-size SIZE --preallocate reserves the space before the first byte`;
     case ErrorCode.NOT_RAW:
       return `the target looks like a disk image; snapstream will not overwrite it as raw`;
+    case ErrorCode.ABORTED:
+      return 'what had begun is undone: no snapshot was added (the image and its file size are as before), and a file the command created is removed';
+    case ErrorCode.SAME_FILE:
+      return 'a stream cannot read its own output; copy the source elsewhere first';
+    case ErrorCode.TARGET_LOCKED:
+      return 'another snapstream is writing this target; wait for it to finish';
+    case ErrorCode.SNAPSHOT_DISK_ONLY:
+      return `a disk-only snapshot (qemu-img snapshot -c) has no vmstate; list them with: snapstream list ${image}`;
     case ErrorCode.QCOW2_CORRUPT:
       return `check the image with: qemu-img check ${image}`;
     default:

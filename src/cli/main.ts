@@ -12,22 +12,32 @@ import { registerDelete } from './commands/delete.js';
 import { registerDemo } from './commands/demo.js';
 import { registerExport } from './commands/export.js';
 import { registerList } from './commands/list.js';
+import { registerLoadVm } from './commands/loadvm.js';
+import { registerRevert } from './commands/revert.js';
 import { registerSave } from './commands/save.js';
+import { registerSaveVm } from './commands/savevm.js';
 import { registerWrite } from './commands/write.js';
 import type { CliContext, Register } from './context.js';
 import { ExitCode, isBrokenPipe, reportError } from './errors.js';
+import { Interrupts } from './interrupt.js';
 
 const COMMANDS: readonly Register[] = [
   registerSave,
   registerList,
   registerExport,
+  registerRevert,
   registerDelete,
   registerCheck,
   registerCreate,
   registerWrite,
+  registerSaveVm,
+  registerLoadVm,
   registerBench,
   registerDemo,
 ];
+
+/** How long the process may linger after an interrupted command before it exits regardless. */
+const LINGER_AFTER_SIGNAL_MS = 1000;
 
 const EPILOG = `
 Sizes: 4096, 512K, 64M, 1G (binary units). FILE '-' is stdin or stdout.
@@ -66,7 +76,24 @@ function commanderExit(err: CommanderError): number {
 
 /** Runs the command line `argv` (without node and script) and resolves with the exit code. */
 export async function main(argv: readonly string[]): Promise<number> {
-  const ctx: CliContext = { exitCode: ExitCode.OK };
+  const interrupts = new Interrupts();
+  const uninstall = interrupts.install();
+  try {
+    const code = await run(argv, { exitCode: ExitCode.OK, interrupts });
+    if (interrupts.exitCode === undefined) return code;
+    // The work ended, done or undone, after a signal: the shell's code for that signal.
+    if (code === ExitCode.OK) process.stderr.write(`snapstream: ${interrupts.received} received after the operation had completed\n`);
+    // An open that blocks in the kernel (a FIFO with no reader) would keep the
+    // process alive after the abort; this timer fires only in that case.
+    const exitCode = interrupts.exitCode;
+    setTimeout(() => process.exit(exitCode), LINGER_AFTER_SIGNAL_MS).unref();
+    return exitCode;
+  } finally {
+    uninstall();
+  }
+}
+
+async function run(argv: readonly string[], ctx: CliContext): Promise<number> {
   // A reader that goes away (`| head`) ends the job quietly, whatever was writing.
   process.stdout.on('error', (err) => {
     if (isBrokenPipe(err)) process.exit(ctx.exitCode);

@@ -55,6 +55,8 @@ export interface NativeFileHandle {
   close(cb: Completion): void;
   dispose(): void;
   pending(): number;
+  /** At most `n` operations run at once (1..threads). */
+  setConcurrency(n: number): void;
 }
 
 interface Addon {
@@ -82,7 +84,7 @@ function loadAddon(): Addon {
     throw new Error(
       `snapstream: the native addon could not be loaded on ${process.platform}-${process.arch}: ${reason}. ` +
         'Where no prebuilt binary fits, installing compiles the addon, which needs a C++17 compiler, ' +
-        'make and Python 3; with those in place, run `npm rebuild snapstream`.',
+        'make and Python 3; with those in place (and its install script allowed), run `npm rebuild snapstream`.',
       { cause },
     );
   }

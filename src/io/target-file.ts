@@ -78,11 +78,14 @@ export class TargetFile {
   readonly size: number;
   /** Why O_DIRECT was not used, when it was not. */
   readonly directFallbackReason: string | undefined;
+  /** Native I/O threads: the most operations that can run at once. */
+  readonly threads: number;
   private readonly _native: NativeFileHandle;
   private _closed = false;
 
-  private constructor(path: string, native: NativeFileHandle, facts: OpenFacts, fallbackReason: string | undefined) {
+  private constructor(path: string, native: NativeFileHandle, facts: OpenFacts, fallbackReason: string | undefined, threads: number) {
     this.path = path;
+    this.threads = threads;
     this._native = native;
     this.fd = facts.fd;
     this.direct = facts.directInEffect;
@@ -113,7 +116,7 @@ export class TargetFile {
       });
       if (attempt !== undefined) {
         reason = directUnsupportedReason(attempt.facts);
-        if (reason === undefined) return new TargetFile(path, attempt.native, attempt.facts, undefined);
+        if (reason === undefined) return new TargetFile(path, attempt.native, attempt.facts, undefined, threads);
         await TargetFile.closeNative(attempt.native, path);
       } else {
         reason = 'the filesystem refused O_DIRECT (EINVAL)';
@@ -130,7 +133,7 @@ export class TargetFile {
     }
     flags.direct = false;
     const plain = await TargetFile.openOnce(path, flags, threads);
-    return new TargetFile(path, plain.native, plain.facts, reason ?? 'direct I/O not requested');
+    return new TargetFile(path, plain.native, plain.facts, reason ?? 'direct I/O not requested', threads);
   }
 
   private static async openOnce(
@@ -169,6 +172,18 @@ export class TargetFile {
   async write(buffer: Uint8Array, position: number): Promise<void> {
     this.assertOpen();
     await call(this, 'pwrite', position, (cb) => this._native.write(buffer, position, cb));
+  }
+
+  /**
+   * How many operations may run at once, 1..threads; queued ones keep their
+   * order. Takes effect from the next operation a native thread picks up.
+   */
+  setConcurrency(n: number): void {
+    if (!Number.isInteger(n) || n < 1 || n > this.threads) {
+      throw new RangeError(`Expected an integer from 1 to ${this.threads} for concurrency, received ${n}`);
+    }
+    this.assertOpen();
+    this._native.setConcurrency(n);
   }
 
   /** Reads into `buffer`; the count is short only at end of file. */

@@ -90,6 +90,8 @@ export interface SaveBeginOptions {
   chunkBytes?: number;
   /** Expected vmstate length (a best-fit hint). */
   expectedBytes?: number;
+  /** The vmstate is already written, contiguous, at this offset past the end (the savevm hand-off, qcow2/handoff.ts). */
+  atOffset?: number;
 }
 
 interface SavePlan {
@@ -151,8 +153,18 @@ export class SaveTransaction implements SaveReservation {
     const end = await rc.allocationEnd();
     const alignBytes = options.alignmentBytes ?? 1;
     const step = Math.max(layout.clusterSize, alignBytes);
-    let runs = new VmStateRuns([], Math.ceil(end / step) * step, layout.clusterSize);
-    if (options.chunkBytes !== undefined) {
+    const atOffset = options.atOffset;
+    // A hand-off (src/vm) wrote the vmstate at `atOffset` while QEMU still had the image: it must
+    // still lie past everything allocated now, or QEMU allocated into it meanwhile.
+    if (atOffset !== undefined && (atOffset < end || atOffset % step !== 0)) {
+      throw new SnapshotError(
+        ErrorCode.VM_STATE,
+        `the image changed while the vmstate was written: clusters up to offset ${end} are in use, overlapping the vmstate written at ${atOffset}; nothing was committed`,
+        { path: state.file.path, offset: atOffset },
+      );
+    }
+    let runs = new VmStateRuns([], atOffset ?? Math.ceil(end / step) * step, layout.clusterSize);
+    if (options.chunkBytes !== undefined && atOffset === undefined) {
       const free = await findFreeRuns(rc, layout.clustersFor(end));
       runs = VmStateRuns.plan(free, end, layout, { chunkBytes: options.chunkBytes, alignBytes, expectedBytes: options.expectedBytes });
     }

@@ -16,6 +16,7 @@ import { scrubFreeSpace, spaceReport } from './space.js';
 import type { WritePiece } from '../stream/sink.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
+import { revertToSnapshotAt } from './image-revert.js';
 import { refuseNewSnapshot, SaveTransaction, type SaveMetadata, type SaveReservation } from './image-save.js';
 import { loadImageState, loadRefcounts, openImageState, type ImageState } from './image-state.js';
 import { releaseImageLocks, type LockPlan } from './lock.js';
@@ -41,6 +42,16 @@ export type { SnapshotInfo } from './snapshot-info.js';
 
 const DEFAULT_OPEN: OpenImageConfig = { readOnly: false, forceShare: false };
 
+/** @internal */
+export interface WriteOpenOptions {
+  /**
+   * Discard free clusters and cut the unreferenced tail at a write-open
+   * (space.ts scrubFreeSpace). Default true. The savevm hand-off opens with
+   * false: its vmstate lies past the image end, unreferenced until it commits.
+   */
+  scrub?: boolean;
+}
+
 /** Largest alignment a save's vmstate run may be asked to start on (the largest DIO alignment we accept). */
 const MAX_SAVE_ALIGNMENT_BYTES = 1 << 20;
 
@@ -65,20 +76,20 @@ export class Image {
   }
 
   /** @internal use openImage() */
-  static async open(path: string, config: OpenImageConfig = DEFAULT_OPEN): Promise<Image> {
+  static async open(path: string, config: OpenImageConfig = DEFAULT_OPEN, writeOpen: WriteOpenOptions = {}): Promise<Image> {
     const file = await TargetFile.open(path, { write: !config.readOnly, create: false, direct: false });
-    return Image.fromFile(file, config);
+    return Image.fromFile(file, config, writeOpen);
   }
 
   /**
    * @internal Opens an image on an already open metadata file (tests wrap it
    * to record or fail writes). Takes ownership of `file`.
    */
-  static async fromFile(file: MetaFile, config: OpenImageConfig = DEFAULT_OPEN): Promise<Image> {
+  static async fromFile(file: MetaFile, config: OpenImageConfig = DEFAULT_OPEN, writeOpen: WriteOpenOptions = {}): Promise<Image> {
     try {
       const { state, locks } = await openImageState(file, config);
       const image = new Image(file.path, config.readOnly, state, locks);
-      if (!config.readOnly) await image.scrubFreeSpace();
+      if (!config.readOnly && writeOpen.scrub !== false) await image.scrubFreeSpace();
       return image;
     } catch (err) {
       await file.close().catch(() => undefined);
@@ -130,6 +141,21 @@ export class Image {
     });
   }
 
+  /**
+   * The disk back to snapshot `idOrName`, as `qemu-img snapshot -a` does:
+   * the active tables become the snapshot's, the snapshot stays. Crash-safe
+   * through the shadow commit (image-revert.ts).
+   */
+  revertSnapshot(idOrName: string): Promise<SnapshotInfo> {
+    validateSnapshotRef(idOrName, 'idOrName');
+    return this.exclusive(async () => {
+      this.assertWritable();
+      const index = requireSnapshot(this._state.snapshots, idOrName);
+      const rc = await this.consistentRefcounts();
+      return this.writing(async () => toSnapshotInfo(await revertToSnapshotAt(this._state, rc, index)));
+    });
+  }
+
   /** qemu-img check's figures, and the space report (space.ts). */
   async check(): Promise<CheckResult> {
     return this.exclusive(async () => ({ ...(await checkImage(this._state)), space: await spaceReport(this._state) }));
@@ -138,12 +164,17 @@ export class Image {
   /**
    * First half of a save: checks the name, then reserves the vmstate run at
    * the end of the file. Write the vmstate at `baseOffset`, fdatasync it,
-   * then call commitSave() (or abortSave()).
+   * then call commitSave() (or abortSave()). `baseOffset`: a vmstate
+   * already written there while QEMU held the image (the savevm hand-off,
+   * qcow2/handoff.ts); refused with VM_STATE when anything allocated now reaches it.
    */
-  beginSave(name: string, options: { alignment?: number; chunkBytes?: number; expectedBytes?: number } = {}): Promise<SaveReservation> {
+  beginSave(
+    name: string,
+    options: { alignment?: number; baseOffset?: number; chunkBytes?: number; expectedBytes?: number } = {},
+  ): Promise<SaveReservation> {
     validateSnapshotName(name, 'name');
     const alignment = validatePowerOfTwo(options.alignment ?? 1, 'options.alignment', 1, MAX_SAVE_ALIGNMENT_BYTES);
-    const begin = { alignmentBytes: alignment, chunkBytes: options.chunkBytes, expectedBytes: options.expectedBytes };
+    const begin = { alignmentBytes: alignment, chunkBytes: options.chunkBytes, expectedBytes: options.expectedBytes, atOffset: options.baseOffset };
     return this.exclusive(async () => {
       this.assertWritable();
       if (this._save !== undefined) throw new SnapshotError(ErrorCode.EINVAL, 'a save is already in progress');

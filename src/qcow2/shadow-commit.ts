@@ -57,7 +57,30 @@ export interface ActiveShadow {
  * that are not L2 tables or data.
  */
 export async function shadowActiveTables(state: ImageState, rc: RefcountStore, alloc: ClusterAllocator): Promise<ActiveShadow> {
-  const { layout, l1, header } = state;
+  const { l1, header } = state;
+  const { next, writes } = await shadowL2Tables(state, l1, rc, alloc);
+  if (next.bytes.equals(l1.bytes)) {
+    return { l1, l1Offset: header.l1TableOffset, writes };
+  }
+  const l1Offset = alloc.allocBytes(l1.entries * 8);
+  await rc.release(header.l1TableOffset, l1.entries * 8);
+  writes.push({ offset: l1Offset, bytes: next.bytes });
+  return { l1: next, l1Offset, writes };
+}
+
+/**
+ * The L2 half of shadowActiveTables() for an active L1 `l1` that is about
+ * to be written (the current one, or a snapshot's copy on revert): returns
+ * that L1 with its entries pointing at the fresh L2 copies and COPIED set
+ * from the final refcounts, and the fresh L2 writes. The caller places the L1.
+ */
+export async function shadowL2Tables(
+  state: ImageState,
+  l1: L1Table,
+  rc: RefcountStore,
+  alloc: ClusterAllocator,
+): Promise<{ next: L1Table; writes: FreshWrite[] }> {
+  const { layout } = state;
   const next = new L1Table(Buffer.from(l1.bytes), layout);
   const writes: FreshWrite[] = [];
   const moved = new Set<number>();
@@ -85,13 +108,7 @@ export async function shadowActiveTables(state: ImageState, rc: RefcountStore, a
     if (l2Offset === 0 || moved.has(i)) continue;
     next.setCopied(i, (await rc.getAsync(layout.clusterIndex(l2Offset))) === 1);
   }
-  if (next.bytes.equals(l1.bytes)) {
-    return { l1, l1Offset: header.l1TableOffset, writes };
-  }
-  const l1Offset = alloc.allocBytes(l1.entries * 8);
-  await rc.release(header.l1TableOffset, l1.entries * 8);
-  writes.push({ offset: l1Offset, bytes: next.bytes });
-  return { l1: next, l1Offset, writes };
+  return { next, writes };
 }
 
 /**

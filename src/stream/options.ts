@@ -10,7 +10,8 @@ import { validateChoice, validateInteger, validateMultiple, validateSignal } fro
 
 /** 4 MiB: large enough that a 4 MiB pwrite runs at device speed (fio here). */
 export const DEFAULT_BUFFER_SIZE = 4 << 20;
-export const DEFAULT_BUFFERS = 2;
+/** Four: a full buffer or two can wait for the disk while the producer fills the next (docs/performance.md). */
+export const DEFAULT_BUFFERS = 4;
 /**
  * Option-time alignment: every DIO alignment Linux reports for the disks we
  * target divides 4096. The real alignment is re-checked after open.

@@ -9,6 +9,7 @@
 import { assert, internalError } from '../assert.js';
 import { toSnapshotError, type SnapshotError } from '../errors.js';
 import type { TargetFile } from '../io/target-file.js';
+import { DepthTuner } from './depth-tuner.js';
 import type { WritePiece } from './sink.js';
 
 export const FREE = 0;
@@ -24,6 +25,8 @@ export class Ring {
   private readonly _file: TargetFile;
   private readonly _state: Uint8Array;
   private readonly _logicalBytes: Float64Array; // per IN_FLIGHT buffer: stream bytes it carries (the rest is padding)
+  private readonly _submittedBytes: Float64Array; // per IN_FLIGHT buffer: bytes handed to the disk
+  private readonly _tuner: DepthTuner;
   private readonly _onOk: (() => void)[] = [];
   private readonly _onFail: ((err: unknown) => void)[] = [];
   private readonly _done: SlotDone;
@@ -45,6 +48,13 @@ export class Ring {
     }
     this._state = new Uint8Array(count);
     this._logicalBytes = new Float64Array(count);
+    this._submittedBytes = new Float64Array(count);
+    this._tuner = new DepthTuner(file);
+  }
+
+  /** Chooses how many of the writes in flight the disk sees at once. */
+  get tuner(): DepthTuner {
+    return this._tuner;
   }
 
   /** Writes submitted and not yet completed. */
@@ -74,40 +84,19 @@ export class Ring {
     const alignment = this._file.alignment;
     assert(this._state[index] === FILLING, 'only a FILLING buffer is submitted');
     assert(length > 0 && length <= this.bufferSize && length % alignment === 0, 'submit length is aligned and fits the buffer');
-    if (typeof position !== 'number') {
-      this._submitPieces(index, length, logicalBytes, position);
-      return;
-    }
-    assert(position % alignment === 0, 'submit position is aligned');
+    if (typeof position === 'number') assert(position % alignment === 0, 'submit position is aligned');
+    else assertPieces(position, length, alignment);
     assert(logicalBytes > 0 && logicalBytes <= length, 'logical bytes fit the submitted length');
     this._state[index] = IN_FLIGHT;
     this._logicalBytes[index] = logicalBytes;
+    this._submittedBytes[index] = length;
     this._inFlight++;
     assert(this._inFlight <= this._state.length, 'in flight <= buffers');
+    this._tuner.submitted(this._inFlight);
     const buffer = this.buffers[index] as Uint8Array;
-    this._file
-      .write(length === buffer.byteLength ? buffer : buffer.subarray(0, length), position)
-      .then(this._onOk[index], this._onFail[index]);
-  }
-
-  /**
-   * A buffer whose bytes go to several places (a sink spread over runs, see
-   * StreamSink.place): written piece by piece, completed once. Rare: only a
-   * buffer that crosses the end of a run.
-   */
-  private _submitPieces(index: number, length: number, logicalBytes: number, pieces: readonly WritePiece[]): void {
-    const alignment = this._file.alignment;
-    assert(pieces.length > 0 && pieces[0]!.from === 0 && pieces[pieces.length - 1]!.to === length, 'pieces cover the buffer');
-    for (const p of pieces) assert(p.from % alignment === 0 && p.position % alignment === 0 && p.to > p.from, 'pieces are aligned');
-    this._state[index] = IN_FLIGHT;
-    this._logicalBytes[index] = logicalBytes;
-    this._inFlight++;
-    const buffer = this.buffers[index] as Uint8Array;
-    const file = this._file;
-    const writeAll = async (): Promise<void> => {
-      for (const p of pieces) await file.write(buffer.subarray(p.from, p.to), p.position);
-    };
-    writeAll().then(this._onOk[index], this._onFail[index]);
+    const data = length === buffer.byteLength ? buffer : buffer.subarray(0, length);
+    const write = typeof position === 'number' ? this._file.write(data, position) : writePieces(this._file, data, position);
+    write.then(this._onOk[index], this._onFail[index]);
   }
 
   private _complete(index: number, error: SnapshotError | undefined): void {
@@ -117,6 +106,7 @@ export class Ring {
     if (this._state[index] !== IN_FLIGHT || this._inFlight <= 0) err ??= internalError('a completed buffer was IN_FLIGHT');
     this._state[index] = FREE;
     this._inFlight = Math.max(0, this._inFlight - 1);
+    if (err === undefined) this._tuner.completed(this._submittedBytes[index] as number, this._inFlight);
     this._done(this._logicalBytes[index] as number, err);
     if (this._inFlight === 0) {
       for (const wake of this._idleWaiters.splice(0)) wake();
@@ -139,5 +129,23 @@ export class Ring {
   /** Overwrites every buffer, so VM memory does not linger after the stream. */
   wipe(): void {
     for (const b of this.buffers) b.fill(0);
+  }
+}
+
+/**
+ * A buffer whose bytes go to several places (a sink spread over runs, see
+ * StreamSink.place): written piece by piece in order, completing once. Rare:
+ * only a buffer that crosses the end of a run.
+ */
+async function writePieces(file: TargetFile, data: Uint8Array, pieces: readonly WritePiece[]): Promise<void> {
+  for (const p of pieces) await file.write(data.subarray(p.from, p.to), p.position);
+}
+
+function assertPieces(pieces: readonly WritePiece[], length: number, alignment: number): void {
+  assert(pieces.length > 0 && pieces[0]!.from === 0 && pieces[pieces.length - 1]!.to === length, 'pieces cover the buffer');
+  for (let i = 0; i < pieces.length; i++) {
+    const p = pieces[i]!;
+    assert(p.from % alignment === 0 && p.position % alignment === 0 && p.to > p.from, 'pieces are aligned');
+    assert(i === 0 || pieces[i - 1]!.to === p.from, 'pieces are contiguous in the buffer');
   }
 }

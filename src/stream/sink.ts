@@ -6,15 +6,13 @@
 import type { TargetFile } from '../io/target-file.js';
 
 /**
- * Native I/O threads for a stream's target. One: the ring queues the next
- * full buffer behind the running write, so the thread starts it the moment
- * the previous pwrite returns, with no JS round trip, and the disk sees one
- * sequential 4 MiB write after another. Measured here (npm run bench, same
- * run): the addon's own writer did 1705 MiB/s with 1 write in flight against
- * 1500 with 2, and the stream went from 0.89x to 1.04x of the 2-in-flight
- * device reference when it dropped from 2 threads to 1.
+ * Native I/O threads for a stream's target: the most writes the disk can see
+ * at once. Two, and the ring's DepthTuner (depth-tuner.ts) measures whether
+ * this device does better with one or two and keeps the better. With one
+ * write at a time the next queued buffer still starts the moment the
+ * previous pwrite returns, on the native thread, with no JS round trip.
  */
-export const STREAM_IO_THREADS = 1;
+export const STREAM_IO_THREADS = 2;
 
 /** A piece of one buffer write: buffer bytes [from, to) go to file offset `position`. */
 export interface WritePiece {
@@ -41,6 +39,12 @@ export interface StreamSink {
    * logical end) has been written. Make it durable and meaningful.
    */
   finalize(logicalLength: number, paddedEnd: number): Promise<void>;
+  /**
+   * Optional read-modify-write of the tail: buffer[from, to) is zero padding
+   * about to be written at file offset position + from. A sink whose target
+   * has bytes of its own there fills it with them, so the padding keeps them.
+   */
+  fillTail?(buffer: Uint8Array, from: number, to: number, position: number): Promise<void>;
   /** The stream failed or was destroyed; no I/O is in flight. Undo what can be undone. */
   abort(error: Error | null): Promise<void>;
   /** Release the file and any locks; called exactly once, last. */

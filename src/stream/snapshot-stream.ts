@@ -337,7 +337,10 @@ export class SnapshotStream extends Writable {
     if (this._fillLen > 0) {
       // The tail: zero the padding so no stale bytes from the ring reach disk.
       const padded = alignUp(this._fillLen, sink.file.alignment);
-      (this._ring as Ring).buffers[this._fill]?.fill(0, this._fillLen, padded);
+      const tail = (this._ring as Ring).buffers[this._fill] as Uint8Array;
+      tail.fill(0, this._fillLen, padded);
+      // Where the target has bytes of its own past the stream, the sink puts them in the padding.
+      await sink.fillTail?.(tail, this._fillLen, padded, sink.baseOffset + this._submittedEnd);
       this._submitFill(padded);
     }
     await this._idle();

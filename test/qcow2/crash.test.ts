@@ -127,6 +127,8 @@ interface Expectation {
   disks: Map<string, string[]>;
   /** qemu-io reads the active disk must satisfy. */
   active: string[];
+  /** For a revert: the active disk may instead satisfy these (the operation completed). */
+  activeAfter?: string[];
 }
 
 async function ourCheck(path: string): Promise<{ corruptions: number; leaks: number; checkErrors: number; messages: string[] }> {
@@ -152,7 +154,11 @@ async function problemsOf(path: string, want: Expectation): Promise<string[]> {
   if (![want.before, want.after].some((list) => JSON.stringify(list) === JSON.stringify(names))) {
     problems.push(`snapshot list ${JSON.stringify(names)}`);
   }
-  await qemuIo(path, want.active).catch((err: unknown) => problems.push(`active disk: ${String(err)}`));
+  const activeBefore = await qemuIo(path, want.active).then(() => undefined, (err: unknown) => String(err));
+  if (activeBefore !== undefined) {
+    const after = want.activeAfter === undefined ? activeBefore : await qemuIo(path, want.activeAfter).then(() => undefined, (err: unknown) => String(err));
+    if (after !== undefined) problems.push(`active disk: ${activeBefore}`);
+  }
   for (const name of names) {
     const vm = want.vmstates.get(name);
     if (vm === undefined) continue;
@@ -312,6 +318,30 @@ describe.skipIf(qemuMissing)('crash consistency (replayed crashes at every sync 
       ]),
       active: [...activeDisk, 'read -P 0x66 4M 64k'],
     });
+  });
+
+  it('a revert interrupted at any point leaves the disk as it was or as the snapshot: no corruption, no leak', async () => {
+    const path = await imageWithHistory();
+    const base = await readFile(path);
+    const recorder = new RecordingFile(await TargetFile.open(path, { write: true, direct: false }));
+    const img = await Image.fromFile(recorder);
+    try {
+      await img.revertSnapshot('old');
+    } finally {
+      await img.close();
+    }
+    expect(recorder.events.filter((e) => e.kind === 'sync').length).toBe(2);
+    expect(recorder.events.filter(isCommitWrite)).toHaveLength(1);
+    expect(await writesIntoLiveClusters(base, recorder.events), 'no live cluster is modified in place').toEqual([]);
+    const images = await expectEveryCrashClean('revert', base, recorder.events, {
+      before: ['old'],
+      after: ['old'],
+      vmstates: new Map([['old', oldVm]]),
+      disks: new Map([['old', oldDisk]]),
+      active: activeDisk,
+      activeAfter: oldDisk,
+    });
+    expect(images).toBeGreaterThan(6);
   });
 
   it('a save whose commit fails with EIO at any write leaves a clean image (no corruption, no leak), truncated back before the header switch', async () => {

@@ -180,7 +180,7 @@ describe('ring buffers', () => {
 const loopSkip =
   !isRoot() ? 'loop devices need root' : findTool('losetup') === undefined ? 'losetup is missing' : undefined;
 
-describe.skipIf(loopSkip !== undefined)('tail padding on a block device (not truncated, so padding is visible)', () => {
+describe.skipIf(loopSkip !== undefined)('tail padding on a block device (read-modify-write of the last block)', () => {
   const DEVICE_BYTES = 16 * MiB;
 
   async function withLoopDevice(fn: (device: string) => Promise<void>): Promise<void> {
@@ -195,13 +195,14 @@ describe.skipIf(loopSkip !== undefined)('tail padding on a block device (not tru
   }
 
   for (const direct of [true, false] as const) {
-    it(`is zeros, never bytes of an earlier stream or of an earlier buffer (direct ${direct})`, async () => {
+    it(`keeps the device's own bytes, never bytes of an earlier buffer (direct ${direct})`, async () => {
       await withLoopDevice(async (device) => {
-        // An earlier stream fills the device with a recognisable secret.
-        const secret = Buffer.alloc(DEVICE_BYTES, 0xee);
-        await pipeline(fromChunks([secret]), createSnapshotStream(device, { direct, bufferSize: BUFFER_BYTES }));
+        // The device holds a recognisable pattern of its owner's.
+        const owner = Buffer.alloc(DEVICE_BYTES, 0xee);
+        await pipeline(fromChunks([owner]), createSnapshotStream(device, { direct, bufferSize: BUFFER_BYTES }));
         // Two buffers: the tail lands in buffer 0 again, which last held this
-        // stream's own first MiB. Its padding must not repeat those bytes.
+        // stream's own first MiB. Its padding must not repeat those bytes, and
+        // (read-modify-write of the last block) must not zero the owner's.
         const data = pseudoRandom(2 * BUFFER_BYTES + 1000, 9);
         const out = createSnapshotStream(device, { direct, bufferSize: BUFFER_BYTES, buffers: 2 });
         await pipeline(fromChunks(chunked(data, () => 64 * 1024)), out);
@@ -211,8 +212,8 @@ describe.skipIf(loopSkip !== undefined)('tail padding on a block device (not tru
         expect(sha256(back.subarray(0, data.length))).toBe(sha256(data));
         const padding = back.subarray(data.length, paddedEnd);
         expect(padding.length).toBe(paddedEnd - data.length);
-        expect(padding.every((b) => b === 0)).toBe(true);
-        // Beyond the padding the device is untouched (the caller's bytes).
+        expect(padding.every((b) => b === 0xee)).toBe(true);
+        // Beyond the padding the device is untouched too.
         expect(back.subarray(paddedEnd).every((b) => b === 0xee)).toBe(true);
       });
     });

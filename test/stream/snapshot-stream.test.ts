@@ -208,9 +208,10 @@ describe('backpressure while the disk holds the I/O back (frozen filesystem)', (
         await sleep(500);
         expect(called).toBe(false); // the disk holds the first buffer: nothing can move
         expect(out.bytesWritten).toBe(0);
+        const drained = once(out, 'drain'); // listening first: the thaw may complete the writes at once
         await runOk('fsfreeze', ['--unfreeze', mnt]);
         frozen = false;
-        await once(out, 'drain');
+        await drained;
         expect(called).toBe(true);
         await new Promise<void>((resolve, reject) => out.end((err?: Error | null) => (err ? reject(err) : resolve())));
         expect(await sha256OfFile(path)).toBe(sha256(data));

@@ -12,11 +12,19 @@ export function registerDelete(program: Command, ctx: CliContext): void {
     .option('-q, --quiet', 'print nothing on success')
     .action(async (image: string, name: string, flags: { quiet?: boolean }) => {
       ctx.image = image;
-      const img = await openImage(image);
+      // From the open on, a signal waits: before the delete it stops it, once
+      // started the delete (one atomic header write) completes.
+      const waitForUs = ctx.interrupts.onInterrupt(() => undefined);
       try {
-        await img.deleteSnapshot(name);
+        const img = await openImage(image);
+        try {
+          ctx.interrupts.throwIfInterrupted();
+          await img.deleteSnapshot(name);
+        } finally {
+          await img.close();
+        }
       } finally {
-        await img.close();
+        waitForUs();
       }
       if (flags.quiet !== true) process.stderr.write(`deleted snapshot '${name}' from ${image}\n`);
     });

@@ -1,34 +1,30 @@
 /**
  * `snapstream export IMAGE NAME [FILE|-]`: the saved vmstate bytes of a
- * snapshot, to a file (written with the fast stream) or to stdout for a pipe.
- * With '-', stdout carries only the data; progress goes to stderr.
+ * snapshot, to a file or block device (written with the fast stream), to a
+ * FIFO or character device (in order, unpadded), or to stdout for a pipe.
+ * With '-', stdout carries only the data; progress and the summary go to
+ * stderr. A disk-only snapshot has no vmstate: that is an error, and no
+ * output file is created.
  */
 import type { Command } from 'commander';
-import { Transform, type TransformCallback, type Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { createSnapshotStream, openImage } from '../api.js';
+import { createSnapshotStream, ErrorCode, openImage, SnapshotError, type Image, type SnapshotInfo } from '../api.js';
 import type { CliContext } from '../context.js';
 import { addQuietFlag } from '../options.js';
-import { createProgress, type Progress } from '../progress.js';
-import { STDIO, stdoutSink } from '../stdio.js';
+import { createProgress } from '../progress.js';
+import { ByteCounter, copySequential, targetKind } from '../sequential.js';
+import { formatBytes, formatRate } from '../size.js';
+import { STDIO } from '../stdio.js';
 
-/** Passes chunks through untouched, counting them for the progress line. */
-class Counter extends Transform {
-  bytes = 0;
-  constructor(private readonly _progress: Progress) {
-    super();
-  }
-  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    this.bytes += chunk.length;
-    this._progress.update(this.bytes);
-    callback(null, chunk);
-  }
+/** The snapshot export would read, by name first, then by id. */
+function findSnapshot(img: Image, nameOrId: string): SnapshotInfo | undefined {
+  return img.snapshots().find((s) => s.name === nameOrId) ?? img.snapshots().find((s) => String(s.id) === nameOrId);
 }
 
 export function registerExport(program: Command, ctx: CliContext): void {
   const cmd = program
     .command('export')
-    .description("write a snapshot's saved vmstate to a file or stdout")
+    .description("write a snapshot's saved vmstate to a file, a device or stdout")
     .argument('<IMAGE>', 'qcow2 image')
     .argument('<NAME>', 'snapshot name or id')
     .argument('[FILE]', "destination; '-' or nothing is stdout", STDIO);
@@ -41,22 +37,52 @@ Examples:
   );
   cmd.action(async (image: string, name: string, file: string, flags: { quiet?: boolean }) => {
     ctx.image = image;
-    const toStdout = file === STDIO;
-    const sink: Writable | undefined = toStdout ? stdoutSink() : undefined;
+    const kind = targetKind(file);
+    const started = process.hrtime.bigint();
     const img = await openImage(image, { readOnly: true });
+    let bytes: number;
+    let entry: SnapshotInfo | undefined;
     try {
-      const entry = img.snapshots().find((s) => s.name === name) ?? img.snapshots().find((s) => String(s.id) === name);
+      entry = findSnapshot(img, name);
+      if (entry !== undefined && Number(entry.vmStateSize) === 0) {
+        throw new SnapshotError(
+          ErrorCode.SNAPSHOT_DISK_ONLY,
+          `snapshot '${entry.name}' (id ${entry.id}) of '${image}' is disk-only: it has no saved VM state to export`,
+          { path: image },
+        );
+      }
       const totalBytes = entry === undefined ? undefined : Number(entry.vmStateSize);
       const source = img.createVmStateReadStream(name);
-      const progress = createProgress({ label: `export ${name}`, totalBytes, quiet: flags.quiet });
-      const counter = new Counter(progress);
-      try {
-        await pipeline(source, counter, sink ?? createSnapshotStream(file, { expectedSize: totalBytes }));
-      } finally {
-        progress.stop();
-      }
+      const run = { interrupts: ctx.interrupts, source, label: `export ${name}`, quiet: flags.quiet, totalBytes };
+      bytes = kind === 'seekable' ? await exportToFile(run, file) : await copySequential(run, file);
     } finally {
       await img.close();
     }
+    if (flags.quiet === true) return;
+    const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+    const which = entry === undefined ? `'${name}'` : `'${entry.name}' (id ${entry.id})`;
+    const where = file === STDIO ? 'stdout' : file;
+    process.stderr.write(`exported snapshot ${which} of ${image}: ${formatBytes(bytes)} to ${where} (${formatRate(bytes / seconds)})\n`);
   });
+}
+
+/** The fast stream into a file or block device; a signal before the end removes a file it created. */
+async function exportToFile(
+  run: { interrupts: CliContext['interrupts']; source: NodeJS.ReadableStream; label: string; quiet?: boolean; totalBytes?: number },
+  file: string,
+): Promise<number> {
+  let out: ReturnType<typeof createSnapshotStream> | undefined;
+  const abort = run.interrupts.abortSignal(() => out?.writableEnded !== true);
+  const progress = createProgress({ label: run.label, totalBytes: run.totalBytes, quiet: run.quiet });
+  try {
+    out = createSnapshotStream(file, { expectedSize: run.totalBytes, signal: abort.signal });
+    const counter = new ByteCounter(progress);
+    await pipeline(run.source, counter, out);
+    return out.bytesWritten;
+  } catch (err) {
+    throw abort.signal.aborted ? (abort.signal.reason as Error) : err;
+  } finally {
+    abort.dispose();
+    progress.stop();
+  }
 }

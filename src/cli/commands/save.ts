@@ -7,9 +7,9 @@ import type { Command } from 'commander';
 import { createSnapshotStream } from '../api.js';
 import type { CliContext } from '../context.js';
 import { addQuietFlag, addStreamFlags, type StreamFlags, toStreamOptions } from '../options.js';
-import { runWithProgress } from '../progress.js';
+import { runStream } from '../run-stream.js';
 import { formatBytes } from '../size.js';
-import { openSource } from '../stdio.js';
+import { openSource, refuseSameFile } from '../stdio.js';
 
 export function registerSave(program: Command, ctx: CliContext): void {
   const cmd = program
@@ -28,11 +28,12 @@ Examples:
   cmd.action(async (image: string, name: string, file: string, flags: StreamFlags) => {
     ctx.image = image;
     const source = openSource(file);
+    refuseSameFile(source, image);
     const options = toStreamOptions(flags);
     options.snapshot = name;
     if (options.expectedSize === undefined && source.sizeBytes !== undefined) options.expectedSize = source.sizeBytes;
-    const out = createSnapshotStream(image, options);
-    await runWithProgress(out, source.stream, `save ${name}`, options.expectedSize, flags.quiet);
+    const run = { interrupts: ctx.interrupts, source: source.stream, label: `save ${name}`, quiet: flags.quiet };
+    const out = await runStream(run, options, (opts) => createSnapshotStream(image, opts));
     process.stderr.write(
       flags.quiet === true ? '' : `saved snapshot '${name}' in ${image}: ${formatBytes(out.bytesWritten)} of vmstate\n`,
     );

@@ -1,0 +1,121 @@
+/**
+ * (s), (sf), (sn): where savevm's bytes come from. QEMU sends the migration
+ * stream over a unix socket; snapstream reads it and saves it into the image.
+ *
+ * - (s)  1 GiB from a unix socket into the qcow2 saver (createSnapshotStream
+ *        with { snapshot }), socket piped straight into the stream;
+ * - (sf) the same bytes from a file (fs.createReadStream, page cache warm
+ *        after the first round) into the qcow2 saver;
+ * - (sn) the socket alone, into a Writable that drops every chunk: how fast
+ *        reading the socket is, the ceiling (s) could reach.
+ * A child process plays QEMU: it writes the page stream (8 B header + 4 KiB
+ * page per page, gathered into 1 MiB writes) to the socket as fast as the
+ * socket takes it, on the same two CPUs. It builds its page pool before it
+ * connects, and each case times itself from the moment the bytes can flow
+ * (the connection, or the read stream's creation), image creation excluded.
+ */
+import { fork } from 'node:child_process';
+import { closeSync, createReadStream, openSync, writeSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { Writable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { fileURLToPath } from 'node:url';
+import { createImage, createSnapshotStream } from '../../dist/index.js';
+import { PAIR_BYTES } from '../lib/workload.js';
+
+const FEEDER = fileURLToPath(new URL('../lib/socket-feeder.js', import.meta.url));
+/** A disk of 1 GiB: the vmstate area starts right after it. */
+const DISK_BYTES = 1 << 30;
+
+/** Accepts one connection on a fresh unix socket and starts the feeder on it. */
+async function socketSource(ctx) {
+  const sockPath = join(ctx.tmpDir, `feed-${process.pid}-${ctx.rep}.sock`);
+  const server = createServer();
+  await new Promise((resolve) => server.listen(sockPath, resolve));
+  const accepted = new Promise((resolve) => server.once('connection', resolve));
+  const child = fork(FEEDER, [sockPath, String(ctx.workload.pageCount)], { stdio: 'inherit' });
+  const exited = new Promise((resolve, reject) => {
+    child.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`feeder exited with ${code}`))));
+  });
+  const socket = await accepted;
+  server.close();
+  return { socket, exited, t0: performance.now() };
+}
+
+function discard() {
+  let bytes = 0;
+  const sink = new Writable({
+    write(chunk, _encoding, callback) {
+      bytes += chunk.length;
+      callback();
+    },
+  });
+  return { sink, bytes: () => bytes };
+}
+
+async function qcow2Target(ctx) {
+  await createImage(ctx.path, { size: DISK_BYTES, overwrite: true });
+  return createSnapshotStream(ctx.path, { snapshot: 'bench', direct: true });
+}
+
+export const socketToQcow2 = {
+  id: 's',
+  label: 'qcow2 save fed from a unix socket',
+  sizeClass: 'fast',
+  verifiable: false,
+  container: true,
+  async run(ctx) {
+    const out = await qcow2Target(ctx);
+    const { socket, exited, t0 } = await socketSource(ctx);
+    await Promise.all([pipeline(socket, out), exited]);
+    return { bytes: out.bytesWritten, seconds: (performance.now() - t0) / 1000 };
+  },
+};
+
+export const fileToQcow2 = {
+  id: 'sf',
+  label: 'qcow2 save fed from a file (fs.createReadStream)',
+  sizeClass: 'fast',
+  verifiable: false,
+  container: true,
+  prepare(ctx) {
+    const source = join(ctx.tmpDir, 'sf-source.bin');
+    const { workload } = ctx;
+    const fd = openSync(source, 'w', 0o600);
+    const chunk = Buffer.allocUnsafe(256 * PAIR_BYTES);
+    for (let page = 0; page < workload.pageCount; ) {
+      let at = 0;
+      for (let i = 0; i < 256 && page < workload.pageCount; i++, page++) {
+        const k = workload.poolIndex(page);
+        at += workload.headers[k].copy(chunk, at);
+        at += workload.pages[k].copy(chunk, at);
+      }
+      writeSync(fd, chunk, 0, at);
+    }
+    closeSync(fd);
+    return { source };
+  },
+  async run(ctx, { source }) {
+    const out = await qcow2Target(ctx);
+    const t0 = performance.now();
+    await pipeline(createReadStream(source, { highWaterMark: 1 << 20 }), out);
+    return { bytes: out.bytesWritten, seconds: (performance.now() - t0) / 1000 };
+  },
+};
+
+export const socketAlone = {
+  id: 'sn',
+  label: 'unix socket read alone (chunks dropped)',
+  kind: 'read',
+  sizeClass: 'fast',
+  verifiable: false,
+  container: true,
+  async run(ctx) {
+    const { socket, exited, t0 } = await socketSource(ctx);
+    const { sink, bytes } = discard();
+    await Promise.all([pipeline(socket, sink), exited]);
+    return { bytes: bytes(), seconds: (performance.now() - t0) / 1000 };
+  },
+};
