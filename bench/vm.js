@@ -85,7 +85,7 @@ async function startQemu({ ramMiB, memFile, image, running, incoming }) {
   return {
     qmp,
     snapSocket: snap,
-    hmp: (line) => qmp.execute('human-monitor-command', { 'command-line': line }, { timeoutMs: 120_000 }),
+    hmp: (line) => qmp.execute('human-monitor-command', { 'command-line': line }, { timeoutMs: 900_000 }),
     async quit() {
       await qmp.execute('quit').catch(() => undefined);
       await Promise.race([exited, sleep(5000)]);

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the prebuilt addon shipped inside the npm package (run by `prepack`,
-# so by `npm pack` and `npm publish`; never committed). Output:
+# so by `npm pack` and `npm publish`; never committed, and removed again by
+# `postpack`, so a checkout never loads a stale prebuild in place of what it
+# compiles itself). Output:
 #   prebuilds/linux-<arch>/snapstream.napi.glibc.node
 # One Node-API binary serves every Node version; node-gyp-build picks it at
 # install and at load time when it matches the machine, else the install

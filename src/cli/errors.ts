@@ -34,9 +34,20 @@ export interface ErrorContext {
   image?: string;
 }
 
-/** Option names in API messages (`options.bufferSize`) as the user typed them (`--buffer-size`). */
-function toFlagNames(message: string): string {
-  return message.replace(/options\.([a-zA-Z]+)/g, (_, name: string) => `--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`);
+/** API options that are positional arguments on the command line, not flags. */
+const ARGUMENT_NAMES: Readonly<Record<string, string>> = { snapshot: 'NAME', size: 'SIZE' };
+
+/**
+ * Option names in API messages (`options.bufferSize`) as the user typed them
+ * (`--buffer-size`, or the argument `NAME`), and API syntax (`{ format: 'raw' }`,
+ * `format 'raw'`) in CLI words, so no message names something the CLI lacks.
+ */
+export function toCliWords(message: string): string {
+  return message
+    .replace(/options\.([a-zA-Z]+)/g, (_, name: string) => ARGUMENT_NAMES[name] ?? `--${name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`)
+    .replace(/save into it as a snapshot, or pass format 'raw' to overwrite it/, "'snapstream save IMAGE NAME' adds a snapshot to it; delete the file first to overwrite it")
+    .replace(/\{ ?(\w+): ?'([^']*)' ?\}/g, "--$1 $2")
+    .replace(/\{ ?(\w+) ?\}/g, '--$1');
 }
 
 /** Who holds the image: the pid the message names, else a look through /proc. */
@@ -48,6 +59,14 @@ function lockHint(message: string, image: string | undefined): string {
   const first = holders[0];
   if (first === undefined) return `a QEMU or another snapstream has the image open; ${advice}`;
   return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: ${advice}`;
+}
+
+/** Who writes a raw target: OFD locks carry no pid in F_OFD_GETLK, so look through /proc/locks. */
+function targetLockHint(message: string): string {
+  const path = /'([^']+)'/.exec(message)?.[1];
+  const first = path === undefined ? undefined : findLockHolders(path)[0];
+  if (first === undefined) return 'another writer has it open; wait for it to finish';
+  return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: wait for it to finish`;
 }
 
 function readComm(pid: number): string {
@@ -78,7 +97,7 @@ function hintFor(code: string, message: string, context: ErrorContext): string |
     case ErrorCode.SAME_FILE:
       return 'a stream cannot read its own output; copy the source elsewhere first';
     case ErrorCode.TARGET_LOCKED:
-      return 'another snapstream is writing this target; wait for it to finish';
+      return targetLockHint(message);
     case ErrorCode.SNAPSHOT_DISK_ONLY:
       return `a disk-only snapshot (qemu-img snapshot -c) has no vmstate; list them with: snapstream list ${image}`;
     case ErrorCode.QCOW2_CORRUPT:
@@ -97,13 +116,13 @@ export function reportError(err: unknown, context: ErrorContext = {}): Reported 
   }
   // The API throws option mistakes synchronously as TypeError/RangeError naming the option.
   if (!isSnapshotError(err) && (err instanceof TypeError || err instanceof RangeError) && /options\.|Expected/.test(err.message)) {
-    return { lines: [`snapstream: USAGE: ${toFlagNames(err.message)}`], exitCode: ExitCode.USAGE };
+    return { lines: [`snapstream: USAGE: ${toCliWords(err.message)}`], exitCode: ExitCode.USAGE };
   }
   const e = err as { code?: unknown; message?: unknown } | null;
   const code = typeof e?.code === 'string' ? e.code : ErrorCode.INTERNAL;
   const text = typeof e?.message === 'string' ? e.message.split('\n')[0]! : String(err);
   // Node's own errors already start with their code ("ENOENT: no such file ..."): say it once.
-  const message = text.startsWith(`${code}: `) ? text.slice(code.length + 2) : text;
+  const message = toCliWords(text.startsWith(`${code}: `) ? text.slice(code.length + 2) : text);
   const lines = [`snapstream: ${code}: ${message}`];
   const hint = hintFor(code, message, context);
   if (hint !== undefined) lines.push(`hint: ${hint}`);

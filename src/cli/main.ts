@@ -41,7 +41,7 @@ const LINGER_AFTER_SIGNAL_MS = 1000;
 
 const EPILOG = `
 Sizes: 4096, 512K, 64M, 1G (binary units). FILE '-' is stdin or stdout.
-Exit codes: 0 ok, 1 failure, 2 usage error.
+Exit codes: 0 ok, 1 failure, 2 usage error; 130/143/129 stopped by SIGINT/SIGTERM/SIGHUP.
 Run 'snapstream COMMAND --help' for a command's options.`;
 
 function packageVersion(): string {

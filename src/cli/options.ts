@@ -5,6 +5,7 @@
  */
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import type { StreamOptions } from './api.js';
+import { UsageError } from './errors.js';
 import { parseSize } from './size.js';
 
 /** commander argParser for sizes: a bad size is a usage error (exit 2). */
@@ -16,11 +17,25 @@ export function sizeArg(value: string): number {
   }
 }
 
+/** The ring's buffers are written with O_DIRECT: whole 4 KiB blocks (the largest common alignment), at most 256 MiB each. */
+const BUFFER_ALIGNMENT = 4096;
+const MAX_BUFFER_BYTES = 256 << 20;
+
+/** --buffer-size: one message that says everything a valid value is. */
+function bufferSizeArg(value: string): number {
+  const bytes = sizeArg(value);
+  if (bytes < BUFFER_ALIGNMENT || bytes > MAX_BUFFER_BYTES || bytes % BUFFER_ALIGNMENT !== 0) {
+    throw new InvalidArgumentError(`Expected a multiple of 4096 from 4K to 256M, received '${value}'`);
+  }
+  return bytes;
+}
+
 export interface StreamFlags {
   direct: 'auto' | 'true' | 'false';
   bufferSize?: number;
   buffers?: number;
   expectedSize?: number;
+  preallocate?: boolean;
   quiet?: boolean;
 }
 
@@ -39,19 +54,30 @@ export function addStreamFlags(cmd: Command): Command {
         .choices(['auto', 'true', 'false'])
         .default('auto'),
     )
-    .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 (default 4M)', sizeArg)
-    .option('--buffers <n>', 'buffers in the ring, >= 2 (default 2)', countArg)
-    .option('--expected-size <size>', 'size hint: shown as progress, and reserved with --preallocate', sizeArg);
+    .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 up to 256M (default 4M)', bufferSizeArg)
+    .option('--buffers <n>', 'buffers in the ring, >= 2 (default 4)', countArg)
+    .option('--expected-size <size>', 'size hint: shown as progress, and reserved with --preallocate', sizeArg)
+    .option('--preallocate', 'reserve --expected-size bytes before the first write (ENOSPC at once, not midway)');
 }
 
 export function addQuietFlag(cmd: Command): Command {
   return cmd.option('-q, --quiet', 'draw no progress');
 }
 
-export function toStreamOptions(flags: StreamFlags): StreamOptions {
+/**
+ * The API options for these flags. `knownSizeBytes` (a source file's length)
+ * stands in for --expected-size; --preallocate with neither is a usage error,
+ * not silently ignored.
+ */
+export function toStreamOptions(flags: StreamFlags, knownSizeBytes?: number): StreamOptions {
   const options: StreamOptions = { direct: flags.direct === 'auto' ? 'auto' : flags.direct === 'true' };
   if (flags.bufferSize !== undefined) options.bufferSize = flags.bufferSize;
   if (flags.buffers !== undefined) options.buffers = flags.buffers;
-  if (flags.expectedSize !== undefined) options.expectedSize = flags.expectedSize;
+  const expectedSize = flags.expectedSize ?? knownSizeBytes;
+  if (expectedSize !== undefined) options.expectedSize = expectedSize;
+  if (flags.preallocate === true) {
+    if (expectedSize === undefined) throw new UsageError('--preallocate needs --expected-size when the source has no known size');
+    options.preallocate = 'space';
+  }
   return options;
 }

@@ -71,17 +71,21 @@ export function createProgress(options: ProgressOptions): Progress {
   if (!progressEnabled(options.quiet, stream)) return NO_PROGRESS;
   const started = Date.now();
   const known = options.totalBytes !== undefined && options.totalBytes > 0;
+  // A size hint can be too small (--expected-size, a growing source): the total follows the bytes done.
+  let totalBytes = options.totalBytes;
   let stopped = false;
   const bar = new cliProgress.SingleBar(
     {
       stream,
       fps: FPS,
       hideCursor: true,
+      // Signals are handled by the command (src/cli/interrupt.ts), which stops the bar.
+      gracefulExit: false,
       clearOnComplete: false,
       barsize: 24,
       format: (opts, params) => {
         const barText = known ? cliProgress.Format.BarFormat(params.progress, opts) : undefined;
-        return renderLine(options.label, params.value, options.totalBytes, Date.now() - started, { bar: barText, final: stopped });
+        return renderLine(options.label, params.value, totalBytes, Date.now() - started, { bar: barText, final: stopped });
       },
     },
     cliProgress.Presets.shades_classic,
@@ -89,7 +93,12 @@ export function createProgress(options: ProgressOptions): Progress {
   bar.start(known ? options.totalBytes! : 0, 0);
   return {
     update(bytes) {
-      if (!stopped) bar.update(bytes);
+      if (stopped) return;
+      if (known && bytes > (totalBytes as number)) {
+        totalBytes = bytes;
+        bar.setTotal(bytes);
+      }
+      bar.update(bytes);
     },
     stop() {
       if (stopped) return;

@@ -11,7 +11,7 @@
  * change by a byte between `stop` and the end of the migration). Once QEMU
  * has handed the image over (migration completed: its write locks are
  * gone), openForCommit() takes the locks and re-reads header, L1 and
- * refcounts, and beginSave(hostOffset) verifies that nothing allocated
+ * refcounts, and beginSave(baseOffset) verifies that nothing allocated
  * reaches the vmstate before the shadow commit makes it a snapshot.
  *
  * Until that commit, the clusters written are referenced by nothing: a
@@ -47,14 +47,14 @@ export class HandoffSave {
   readonly path: string;
   readonly name: string;
   /** Where the vmstate's first byte goes. */
-  readonly hostOffset: number;
+  readonly baseOffset: number;
   readonly maxLength: number;
   private readonly _data: TargetFile;
 
-  private constructor(path: string, name: string, hostOffset: number, maxLength: number, data: TargetFile) {
+  private constructor(path: string, name: string, baseOffset: number, maxLength: number, data: TargetFile) {
     this.path = path;
     this.name = name;
-    this.hostOffset = hostOffset;
+    this.baseOffset = baseOffset;
     this.maxLength = maxLength;
     this._data = data;
   }
@@ -69,16 +69,16 @@ export class HandoffSave {
     const { end, maxLength, clusterSize } = await inspectUnlocked(path, name);
     const data = await TargetFile.open(path, { write: true, create: false, direct: options.direct, threads: STREAM_IO_THREADS });
     const step = Math.max(clusterSize, data.alignment);
-    const hostOffset = Math.ceil((end + (options.marginBytes ?? HANDOFF_MARGIN_BYTES)) / step) * step;
-    return new HandoffSave(path, name, hostOffset, maxLength, data);
+    const baseOffset = Math.ceil((end + (options.marginBytes ?? HANDOFF_MARGIN_BYTES)) / step) * step;
+    return new HandoffSave(path, name, baseOffset, maxLength, data);
   }
 
-  /** A StreamSink writing the vmstate at hostOffset; finalize only makes it durable (no metadata). */
+  /** A StreamSink writing the vmstate at baseOffset; finalize only makes it durable (no metadata). */
   sink(): StreamSink {
     const data = this._data;
     return {
       file: data,
-      baseOffset: this.hostOffset,
+      baseOffset: this.baseOffset,
       maxLength: this.maxLength,
       // fdatasync: the vmstate is durable before any metadata can point at it (commit step 1).
       finalize: async () => data.datasync(),
@@ -97,7 +97,7 @@ export class HandoffSave {
     // Without the write-open scrub: it would cut the vmstate, which lies past the image end until the commit.
     const image = await Image.open(this.path, { readOnly: false, forceShare: false }, { scrub: false });
     try {
-      await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.hostOffset });
+      await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.baseOffset });
       return image;
     } catch (err) {
       await image.close().catch(() => undefined);
@@ -112,36 +112,47 @@ export class HandoffSave {
    * writes are complete and durable, so the cache holds none of these pages.
    */
   async editTail(length: number, tailBytes: number, edit: (tail: Buffer) => boolean): Promise<void> {
-    const bytes = Math.min(length, tailBytes);
-    if (bytes === 0) return;
-    const start = this.hostOffset + length - bytes;
-    const file = await TargetFile.open(this.path, { write: true, create: false, direct: false });
-    try {
-      const tail = await readExact(file, start, bytes, 'vmstate tail');
-      if (!edit(tail)) return;
-      await file.write(tail, start);
-      // fdatasync: the edited vmstate is durable before the commit makes it a snapshot.
-      await file.datasync();
-    } finally {
-      await file.close();
-    }
+    await editVmStateTail(this.path, this.baseOffset, length, tailBytes, edit);
   }
 
   /**
    * After a failure, before QEMU runs again: truncates the file back to
-   * hostOffset (when it grew past it), giving back the space of the vmstate
-   * written. Everything from hostOffset on is ours; QEMU, stopped, did not
+   * baseOffset (when it grew past it), giving back the space of the vmstate
+   * written. Everything from baseOffset on is ours; QEMU, stopped, did not
    * write past the margin.
    */
   async discard(): Promise<void> {
     const size = (await this._data.stat()).size;
-    if (size <= this.hostOffset) return;
-    await this._data.truncate(this.hostOffset);
+    if (size <= this.baseOffset) return;
+    await this._data.truncate(this.baseOffset);
   }
 
   /** Closes the data descriptor. The clusters written stay unreferenced past the end; the next save reuses them. */
   async close(): Promise<void> {
     await this._data.close();
+  }
+}
+
+/**
+ * Lets `edit` change the last `tailBytes` of a vmstate of `length` bytes
+ * written at `hostOffset` of `path`, before a commit makes it a snapshot;
+ * writes them back only when it returns true. Reads and writes through the
+ * page cache: the O_DIRECT writes are complete and durable, so the cache
+ * holds none of these pages. Takes no locks: the caller holds the image.
+ */
+export async function editVmStateTail(path: string, hostOffset: number, length: number, tailBytes: number, edit: (tail: Buffer) => boolean): Promise<void> {
+  const bytes = Math.min(length, tailBytes);
+  if (bytes === 0) return;
+  const start = hostOffset + length - bytes;
+  const file = await TargetFile.open(path, { write: true, create: false, direct: false });
+  try {
+    const tail = await readExact(file, start, bytes, 'vmstate tail');
+    if (!edit(tail)) return;
+    await file.write(tail, start);
+    // fdatasync: the edited vmstate is durable before the commit makes it a snapshot.
+    await file.datasync();
+  } finally {
+    await file.close();
   }
 }
 

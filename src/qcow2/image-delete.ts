@@ -22,30 +22,18 @@
 import { readSnapshotL1, type ImageState } from './image-state.js';
 import { invariant } from './fail.js';
 import { forEachReachedTable } from './reach.js';
-import type { ByteExtent } from './allocator.js';
 import type { RefcountStore } from './refcount.js';
 import { allocatorFor, freedBy, reclaim, runsToExtents } from './space.js';
 import { commitShadow, shadowActiveTables, type FreshWrite } from './shadow-commit.js';
 import { asWritten, encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 
-/** Another operation's space on the same image (a save streaming its vmstate): never allocated, never cut. */
-export interface KeepOut {
-  extents: ByteExtent[];
-  endOffset: number;
-}
-
 /** `rc`: the image's refcounts as committed, loaded for this delete and changed only by it. */
-export async function deleteSnapshotAt(
-  state: ImageState,
-  rc: RefcountStore,
-  index: number,
-  keep: KeepOut = { extents: [], endOffset: 0 },
-): Promise<SnapshotEntry> {
+export async function deleteSnapshotAt(state: ImageState, rc: RefcountStore, index: number): Promise<SnapshotEntry> {
   const { layout, header, file } = state;
   const victim = state.snapshots[index];
   invariant(victim !== undefined, 'snapshot index in range');
   // Free runs as committed, before any refcount changes in memory: nothing this delete frees can be handed out.
-  const { alloc, committedFree, endOffset } = await allocatorFor(rc, { exclude: keep.extents });
+  const { alloc, committedFree, endOffset } = await allocatorFor(rc);
   await dropSnapshotReferences(state, rc, victim);
   const remaining = state.snapshots.filter((_, i) => i !== index);
   const table = remaining.length > 0 ? encodeSnapshotTable(remaining) : Buffer.alloc(0);
@@ -72,7 +60,7 @@ export async function deleteSnapshotAt(
   state.l1 = active.l1;
   state.fileSizeBytes = (await file.stat()).size;
   const freed = await freedBy(rc, committedFree, endOffset, state);
-  await reclaim(state, rc, runsToExtents(freed, layout.clusterSize), keep.endOffset);
+  await reclaim(state, rc, runsToExtents(freed, layout.clusterSize));
   return victim;
 }
 

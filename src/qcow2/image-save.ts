@@ -177,17 +177,6 @@ export class SaveTransaction implements SaveReservation {
     return this.runs.place(logical, length);
   }
 
-  /** Byte ranges this save may write: its runs, and the tail as far as it reached. */
-  heldExtents(): ByteExtent[] {
-    const tail = { offset: this.runs.tailOffset, length: this.heldEndOffset - this.runs.tailOffset };
-    return [...this.runs.extents.map((e) => ({ offset: e.offset, length: e.length })), tail];
-  }
-
-  /** Where the file must not be cut while this save streams. */
-  get heldEndOffset(): number {
-    return this.runs.tailOffset + Math.max(0, this._placedEnd - this.runs.tailLogical);
-  }
-
   async commit(meta: SaveMetadata): Promise<SnapshotEntry> {
     invariant(this._phase === 'reserved', `commit in phase ${this._phase}`);
     validateSaveMetadata(meta, this.maxLength);

@@ -59,13 +59,14 @@ function warnDiscard(state: ImageState, err: unknown): void {
 
 /**
  * After the commit point: discards `freed` and truncates the file after the
- * last cluster in use or kept (`keepEndOffset`: a save still streaming).
+ * last cluster in use (a save still streaming cannot run beside it: the
+ * image's operation queue holds deletes until the save ends).
  * `rc` holds the committed refcounts. Never throws: a failure only leaves
  * free clusters with their old bytes, which the next write-open discards.
  */
-export async function reclaim(state: ImageState, rc: RefcountStore, freed: readonly ByteExtent[], keepEndOffset = 0): Promise<void> {
+export async function reclaim(state: ImageState, rc: RefcountStore, freed: readonly ByteExtent[]): Promise<void> {
   try {
-    const end = Math.max(await rc.allocationEnd(), keepEndOffset);
+    const end = await rc.allocationEnd();
     const device = state.file.isBlockDevice === true;
     await new Discarder(state.file).discard(freed, device ? state.fileSizeBytes : Math.min(end, state.fileSizeBytes));
     if (!device && state.fileSizeBytes > end) {

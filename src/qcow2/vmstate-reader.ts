@@ -29,6 +29,7 @@ import { validateChoice, validateInteger, validateOptionsObject } from '../valid
 import type { L1Table, L2Table } from './cluster-map.js';
 import { corrupt, invariant, unsupported } from './fail.js';
 import { readL2, readSnapshotL1, type ImageState } from './image-state.js';
+import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
 /** Bytes per chunk pushed downstream: a 4 MiB read runs at device speed here (the writer's buffer size, same fio figure). */
@@ -56,21 +57,25 @@ export interface VmStateReadOptions {
   readAhead?: number;
   /** O_DIRECT for the data reads: true, false, or 'auto' (where the filesystem allows). Default 'auto'. */
   direct?: DirectMode;
+  /** How the snapshot is named: 'name' (default, as loadvm looks it up) or 'id' (exactly that entry). */
+  by?: 'name' | 'id';
 }
 
 export interface ResolvedVmStateReadOptions {
   readonly chunkBytes: number;
   readonly readAhead: number;
   readonly direct: DirectMode;
+  readonly by: 'name' | 'id';
 }
 
 /** Validates once, at the edge: TypeError/RangeError naming the option. */
 export function validateVmStateReadOptions(options: unknown): ResolvedVmStateReadOptions {
-  const o = validateOptionsObject<VmStateReadOptions>(options, 'options', ['chunkBytes', 'readAhead', 'direct']);
+  const o = validateOptionsObject<VmStateReadOptions>(options, 'options', ['chunkBytes', 'readAhead', 'direct', 'by']);
   const chunkBytes = validateInteger(o.chunkBytes ?? VMSTATE_READ_CHUNK_BYTES, 'options.chunkBytes', MIN_CHUNK_BYTES, MAX_BUFFER_SIZE);
   const readAhead = validateInteger(o.readAhead ?? DEFAULT_READ_AHEAD, 'options.readAhead', 1, MAX_BUFFERS);
   const direct = validateChoice<DirectMode>(o.direct ?? 'auto', 'options.direct', [true, false, 'auto']);
-  return Object.freeze({ chunkBytes, readAhead, direct });
+  const by = validateChoice(o.by ?? 'name', 'options.by', ['name', 'id'] as const);
+  return Object.freeze({ chunkBytes, readAhead, direct, by });
 }
 
 /** Host offset of vmstate cluster `k`, 0 for zeros; throws for compressed or invalid entries. */
@@ -128,6 +133,8 @@ async function planRuns(lookup: ClusterLookup, firstCluster: number, clusters: n
 type Callback = (error?: Error | null) => void;
 
 export class VmStateReadStream extends Readable {
+  /** The snapshot being read (as resolved from the name asked for). */
+  readonly snapshot: SnapshotInfo;
   private readonly _state: ImageState;
   private readonly _entry: SnapshotEntry;
   private readonly _opts: ResolvedVmStateReadOptions;
@@ -154,6 +161,7 @@ export class VmStateReadStream extends Readable {
     // buffers at most one, and that one counts against readAhead (_held).
     super({ highWaterMark: 1 });
     const { clusterSize } = state.layout;
+    this.snapshot = toSnapshotInfo(entry);
     this._state = state;
     this._entry = entry;
     this._opts = options;
@@ -304,10 +312,16 @@ export class VmStateReadStream extends Readable {
   }
 }
 
+/** A disk-only snapshot (vm_state_size 0, as QEMU reads it) has nothing to export: SNAPSHOT_DISK_ONLY. */
 export function createVmStateReadStream(
   state: ImageState,
   entry: SnapshotEntry,
   options: ResolvedVmStateReadOptions = validateVmStateReadOptions(undefined),
 ): VmStateReadStream {
+  if (entry.vmStateSize === 0) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot ${entry.id} '${entry.name}' is disk-only: it has no saved VM state`, {
+      path: state.file.path,
+    });
+  }
   return new VmStateReadStream(state, entry, options);
 }

@@ -152,8 +152,13 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect((await qemuImg.check(image)).exitCode).toBe(0);
   });
 
-  it('delete removes a snapshot; deleting it again fails with exit 1', async () => {
-    expect((await runBin(['delete', image, 'snap2'])).code).toBe(0);
+  it('delete removes a snapshot and names its id and name; deleting it again fails with exit 1', async () => {
+    const byId = await runBin(['delete', image, '2']);
+    expect(byId.code).toBe(1);
+    expect(errLines(byId)[0]).toMatch(/^snapstream: SNAPSHOT_NOT_FOUND: no snapshot named '2'; snapshot id 2 is named 'snap2'/);
+    const r = await runBin(['delete', image, 'snap2']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toBe(`deleted snapshot 2 'snap2' from ${image}\n`);
     expect((await qemuImg.snapshotList(image)).map((s) => s.name)).toEqual(['snap1']);
     expect((await qemuImg.check(image)).exitCode).toBe(0);
     const again = await runBin(['delete', image, 'snap2']);

@@ -1,6 +1,7 @@
 /**
- * QmpClient against a scripted fake server (no QEMU needed): the protocol
- * edges that real QEMU rarely shows on demand.
+ * The QMP client (the library's, through the test helper) against a scripted
+ * fake server (no QEMU needed): the protocol edges that real QEMU rarely
+ * shows on demand.
  */
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -106,7 +107,7 @@ describe('QmpClient', () => {
   it('times out commands and event waits', async () => {
     await serve(() => undefined); // never answers
     const qmp = await QmpClient.connect(socketPath);
-    await expect(qmp.execute('hang', undefined, { timeoutMs: 50 })).rejects.toThrow(/no reply after 50 ms/);
+    await expect(qmp.execute('hang', undefined, { timeoutMs: 50 })).rejects.toThrow(/no reply within 50 ms/);
     await expect(qmp.waitEvent('NEVER', 50)).rejects.toThrow(/not received within 50 ms/);
     qmp.close();
   });

@@ -12,6 +12,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, SnapshotError } from '../../src/index.js';
+import { DEFAULT_BUFFERS } from '../../src/stream/options.js';
 import { chunked, fromChunks, pseudoRandom, sha256 } from '../helpers/streams.js';
 import { findTool, isRoot, runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
 
@@ -173,7 +174,7 @@ describe('ring buffers', () => {
     out.once('progress', () => controller.abort());
     await failure(pipeline(fromChunks(chunked(pseudoRandom(6 * MiB, 8), () => MiB)), out));
     if (!out.closed) await once(out, 'close');
-    for (const b of ringBuffers(out, 2)) expect(b.every((x) => x === 0)).toBe(true);
+    for (const b of ringBuffers(out, DEFAULT_BUFFERS)) expect(b.every((x) => x === 0)).toBe(true);
   });
 });
 

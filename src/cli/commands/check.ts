@@ -6,6 +6,7 @@
 import type { Command } from 'commander';
 import { type CheckResult, openImage } from '../api.js';
 import type { CliContext } from '../context.js';
+import { refuseNonImagePath } from '../image-path.js';
 import { ExitCode } from '../errors.js';
 
 /** JSON-safe copy: bigints become numbers when exact, decimal strings otherwise. */
@@ -55,6 +56,7 @@ export function registerCheck(program: Command, ctx: CliContext): void {
     .addHelpText('after', '\nExit status: 0 clean or leaks only, 1 corruptions found or the check failed.')
     .action(async (image: string, flags: { json?: boolean; forceShare?: boolean }) => {
       ctx.image = image;
+      refuseNonImagePath(image);
       const img = await openImage(image, { readOnly: true, forceShare: flags.forceShare === true });
       let result: CheckResult;
       try {

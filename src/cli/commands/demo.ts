@@ -8,7 +8,7 @@
  *   4. list it, export it and compare sha256, check the image
  *   5. write the same bytes unbuffered (writeSync per write, then fsync) and compare speeds
  */
-import type { Command } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { closeSync, fsyncSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
@@ -18,6 +18,7 @@ import type { Readable, Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
 import { createImage, createSnapshotStream, ErrorCode, openImage, type StreamOptions } from '../api.js';
 import type { CliContext } from '../context.js';
+import { type Interrupts, SIGNAL_EXIT_CODES } from '../interrupt.js';
 import { sizeArg } from '../options.js';
 import { createRamStream, PAGE_BYTES, type RamStream } from '../ram-stream.js';
 import { formatBytes, formatRate } from '../size.js';
@@ -143,32 +144,40 @@ async function demoSteps(dir: string, pageCount: number): Promise<void> {
   say(`snapstream ${formatRate(fast)}   unbuffered writeSync ${formatRate(slow)}   speed-up ${(fast / slow).toFixed(1)}x`);
 }
 
-async function runDemo(flags: DemoFlags): Promise<void> {
-  const pageCount = Math.max(1, Math.floor(flags.size / PAGE_BYTES));
+async function runDemo(flags: DemoFlags, interrupts: Interrupts): Promise<void> {
+  const pageCount = flags.size / PAGE_BYTES;
   const dir = mkdtempSync(join(flags.dir, 'snapstream-demo-'));
   // Ctrl-C must not leave half a gigabyte behind.
-  const onSignal = () => {
+  const unsubscribe = interrupts.onInterrupt((signal) => {
     rmSync(dir, { recursive: true, force: true });
-    process.exit(130);
-  };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+    process.exit(SIGNAL_EXIT_CODES[signal]);
+  });
   try {
     await demoSteps(dir, pageCount);
   } finally {
-    process.removeListener('SIGINT', onSignal);
-    process.removeListener('SIGTERM', onSignal);
+    unsubscribe();
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-export function registerDemo(program: Command, _ctx: CliContext): void {
+/** --size: whole 4 KiB pages, at least one; anything else would be silently rounded. */
+function demoSizeArg(value: string): number {
+  const bytes = sizeArg(value);
+  if (bytes < PAGE_BYTES || bytes % PAGE_BYTES !== 0) {
+    throw new InvalidArgumentError(`Expected a whole number of 4 KiB pages (a multiple of 4096, at least 4K), received '${value}'`);
+  }
+  return bytes;
+}
+
+export function registerDemo(program: Command, ctx: CliContext): void {
   program
     .command('demo')
     .description('save a generated QEMU-like RAM stream as a qcow2 snapshot, verify it, and compare with unbuffered writes')
-    .option('--size <size>', 'RAM bytes in the generated stream (default 512M)', sizeArg, DEFAULT_DEMO_BYTES)
-    .option('--dir <dir>', 'where the temporary files go (default: the system temp directory)', tmpdir())
+    .addOption(
+      new Option('--size <size>', 'RAM bytes in the generated stream, whole 4 KiB pages').argParser(demoSizeArg).default(DEFAULT_DEMO_BYTES, '512M'),
+    )
+    .addOption(new Option('--dir <dir>', 'where the temporary files go').default(tmpdir(), 'the system temp directory'))
     .action(async (flags: DemoFlags) => {
-      await runDemo(flags);
+      await runDemo(flags, ctx.interrupts);
     });
 }

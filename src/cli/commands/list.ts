@@ -5,6 +5,7 @@
 import type { Command } from 'commander';
 import { openImage, type SnapshotInfo } from '../api.js';
 import type { CliContext } from '../context.js';
+import { refuseNonImagePath } from '../image-path.js';
 import { formatBytes } from '../size.js';
 
 /** The JSON shape of one snapshot; vmClockNs is a decimal string because it may exceed 2^53. */
@@ -85,6 +86,7 @@ export function registerList(program: Command, ctx: CliContext): void {
     .option('-U, --force-share', "read without QEMU's image lock, like qemu-img -U (the image may change meanwhile)")
     .action(async (image: string, flags: { json?: boolean; forceShare?: boolean }) => {
       ctx.image = image;
+      refuseNonImagePath(image);
       const img = await openImage(image, { readOnly: true, forceShare: flags.forceShare === true });
       let rows: SnapshotJson[];
       try {

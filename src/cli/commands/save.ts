@@ -6,6 +6,7 @@
 import type { Command } from 'commander';
 import { createSnapshotStream } from '../api.js';
 import type { CliContext } from '../context.js';
+import { refuseNonImagePath } from '../image-path.js';
 import { addQuietFlag, addStreamFlags, type StreamFlags, toStreamOptions } from '../options.js';
 import { runStream } from '../run-stream.js';
 import { formatBytes } from '../size.js';
@@ -23,15 +24,16 @@ export function registerSave(program: Command, ctx: CliContext): void {
     `
 Examples:
   snapstream save disk.qcow2 before-upgrade state.bin
-  qemu-img ... | snapstream save disk.qcow2 snap1 -`,
+  qemu-img ... | snapstream save disk.qcow2 snap1 -
+  ... | snapstream save disk.qcow2 nightly - --expected-size 8G --preallocate`,
   );
   cmd.action(async (image: string, name: string, file: string, flags: StreamFlags) => {
     ctx.image = image;
+    refuseNonImagePath(image);
     const source = openSource(file);
     refuseSameFile(source, image);
-    const options = toStreamOptions(flags);
+    const options = toStreamOptions(flags, source.sizeBytes);
     options.snapshot = name;
-    if (options.expectedSize === undefined && source.sizeBytes !== undefined) options.expectedSize = source.sizeBytes;
     const run = { interrupts: ctx.interrupts, source: source.stream, label: `save ${name}`, quiet: flags.quiet };
     const out = await runStream(run, options, (opts) => createSnapshotStream(image, opts));
     process.stderr.write(

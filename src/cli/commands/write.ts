@@ -17,7 +17,6 @@ import { openSource, refuseSameFile, STDIO } from '../stdio.js';
 
 interface WriteFlags extends StreamFlags {
   offset?: number;
-  preallocate?: boolean;
 }
 
 export function registerWrite(program: Command, ctx: CliContext): void {
@@ -28,7 +27,6 @@ export function registerWrite(program: Command, ctx: CliContext): void {
     .argument('[SOURCE]', "what to write; '-' or nothing reads stdin", STDIO);
   addQuietFlag(addStreamFlags(cmd))
     .option('--offset <size>', 'start at this offset in the target, a multiple of its alignment; bytes past the stream are kept', sizeArg)
-    .option('--preallocate', 'reserve --expected-size bytes before the first write (ENOSPC at once, not midway)')
     .addHelpText(
       'after',
       `
@@ -41,23 +39,18 @@ Examples:
     const kind = targetKind(file);
     const source = openSource(sourcePath);
     if (kind === 'seekable') refuseSameFile(source, file);
-    const options = toStreamOptions(flags);
-    if (options.expectedSize === undefined && source.sizeBytes !== undefined) options.expectedSize = source.sizeBytes;
-    if (flags.preallocate === true && options.expectedSize === undefined) {
-      throw new UsageError('--preallocate needs --expected-size when the source has no known size');
-    }
+    else refuseSeekOptions(flags);
+    const options = toStreamOptions(flags, source.sizeBytes);
     const started = process.hrtime.bigint();
     let bytes: number;
     let mode: string;
     if (kind === 'seekable') {
       if (flags.offset !== undefined) options.offset = flags.offset;
-      if (flags.preallocate === true) options.preallocate = 'space';
       const run = { interrupts: ctx.interrupts, source: source.stream, label: 'write', quiet: flags.quiet };
       const out = await runStream(run, options, (opts) => createSnapshotStream(file, opts));
       bytes = out.bytesWritten;
       mode = out.direct === true ? 'O_DIRECT' : 'page cache + fdatasync';
     } else {
-      refuseSeekOptions(flags);
       const run = { interrupts: ctx.interrupts, source: source.stream, label: 'write', quiet: flags.quiet, totalBytes: options.expectedSize };
       bytes = await copySequential(run, file);
       mode = 'sequential';
