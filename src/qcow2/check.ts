@@ -12,6 +12,7 @@ import { corrupt, unsupported } from './fail.js';
 import { bitmapReferences } from './bitmaps.js';
 import { readPadded, type RefcountStore } from './refcount.js';
 import { loadRefcounts, refuseListOnly, type ImageState } from './image-state.js';
+import type { SpaceReport } from './space.js';
 import { isIncompleteV3Entry } from './snapshot-table.js';
 import { ErrorCode, isSnapshotError } from '../errors.js';
 
@@ -37,6 +38,8 @@ export interface CheckResult {
   copiedFlagErrors: number;
   /** One line per finding, worded like qemu-img's stderr. */
   messages: string[];
+  /** The space figures (Image.check(); not computed by the check before a write). */
+  space?: SpaceReport;
 }
 
 class Checker {

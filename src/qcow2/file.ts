@@ -7,11 +7,15 @@ import { corrupt } from './fail.js';
 
 export interface MetaFile {
   readonly path: string;
+  /** The image is a block device: no truncation, st_blocks means nothing. */
+  readonly isBlockDevice?: boolean;
   read(buffer: Uint8Array, position: number): Promise<number>;
   write(buffer: Uint8Array, position: number): Promise<void>;
   datasync(): Promise<void>;
   truncate(length: number): Promise<void>;
-  stat(): Promise<{ size: number }>;
+  /** fallocate(2); `mode` is a mask of FALLOC_FL_* (discard.ts punches freed clusters with it). */
+  allocate(position: number, length: number, mode: number): Promise<void>;
+  stat(): Promise<{ size: number; blocks?: number }>;
   getLock(start: number, length: number, kind: 'read' | 'write'): Promise<{ type: 'read' | 'write'; pid: number } | null>;
   setLock(start: number, length: number, kind: 'read' | 'write' | 'unlock'): Promise<void>;
   close(): Promise<void>;

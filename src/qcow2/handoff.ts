@@ -21,7 +21,7 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile, type DirectMode } from '../io/target-file.js';
 import { STREAM_IO_THREADS, type StreamSink } from '../stream/sink.js';
 import { QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
-import { Image, openImage } from './image.js';
+import { Image } from './image.js';
 import { readExact } from './file.js';
 import { loadImageState } from './image-state.js';
 import { refuseNewSnapshot } from './image-save.js';
@@ -94,7 +94,8 @@ export class HandoffSave {
    * anything allocated meanwhile reaches it.
    */
   async openForCommit(): Promise<Image> {
-    const image = await openImage(this.path);
+    // Without the write-open scrub: it would cut the vmstate, which lies past the image end until the commit.
+    const image = await Image.open(this.path, { readOnly: false, forceShare: false }, { scrub: false });
     try {
       await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.baseOffset });
       return image;

@@ -12,11 +12,18 @@
  * copies, and one header write switches to them (shadow-commit.ts). A crash
  * before that write leaves the snapshot in place, after it the snapshot is
  * gone; either way qemu-img check finds neither corruption nor leaks.
+ *
+ * The fresh copies go to clusters the committed refcounts count as free
+ * (allocator.ts), never to one this delete frees. After the commit point,
+ * every cluster the delete freed (the snapshot's vmstate, tables and L1, the
+ * replaced L1, refcount blocks and tables) is discarded and the free tail of
+ * the file is cut (space.ts), so the snapshot's bytes cannot be read back.
  */
 import { readSnapshotL1, type ImageState } from './image-state.js';
 import { invariant } from './fail.js';
 import { forEachReachedTable } from './reach.js';
-import { EndAllocator, type RefcountStore } from './refcount.js';
+import type { RefcountStore } from './refcount.js';
+import { allocatorFor, freedBy, reclaim, runsToExtents } from './space.js';
 import { commitShadow, shadowActiveTables, type FreshWrite } from './shadow-commit.js';
 import { asWritten, encodeSnapshotTable, type SnapshotEntry } from './snapshot-table.js';
 
@@ -25,7 +32,8 @@ export async function deleteSnapshotAt(state: ImageState, rc: RefcountStore, ind
   const { layout, header, file } = state;
   const victim = state.snapshots[index];
   invariant(victim !== undefined, 'snapshot index in range');
-  const alloc = new EndAllocator(await rc.allocationEnd(), layout);
+  // Free runs as committed, before any refcount changes in memory: nothing this delete frees can be handed out.
+  const { alloc, committedFree, endOffset } = await allocatorFor(rc);
   await dropSnapshotReferences(state, rc, victim);
   const remaining = state.snapshots.filter((_, i) => i !== index);
   const table = remaining.length > 0 ? encodeSnapshotTable(remaining) : Buffer.alloc(0);
@@ -51,6 +59,8 @@ export async function deleteSnapshotAt(state: ImageState, rc: RefcountStore, ind
   state.snapshotTableBytes = table.length;
   state.l1 = active.l1;
   state.fileSizeBytes = (await file.stat()).size;
+  const freed = await freedBy(rc, committedFree, endOffset, state);
+  await reclaim(state, rc, runsToExtents(freed, layout.clusterSize));
   return victim;
 }
 

@@ -59,4 +59,8 @@ export interface BeginSaveOptions {
   baseOffset?: number;
   /** Stops whatever writes the vmstate (called when the image is closed first). */
   cancel?: (error: SnapshotError) => void;
+  /** The writer's buffer size: free runs of at least this much are reused for the vmstate (space.md). Without it, the end of the file. */
+  chunkBytes?: number;
+  /** The expected vmstate length: the smallest free run that holds it is taken (best fit). */
+  expectedBytes?: number;
 }

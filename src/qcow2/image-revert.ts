@@ -13,13 +13,17 @@
  * the commit point: the new active L1, the L2 tables whose COPIED bits
  * change and the changed refcount blocks are fresh copies, and one header
  * write switches to them (shadow-commit.ts). A crash before it leaves the
- * disk as it was; after it, reverted; never leaked.
+ * disk as it was; after it, reverted; never leaked. The fresh copies go to
+ * free clusters (allocator.ts); after the commit point the clusters the
+ * revert freed (guest data only the old active tables held) are discarded
+ * and the free tail is cut (space.ts).
  */
 import { unsupported, invariant } from './fail.js';
 import { readSnapshotL1, type ImageState } from './image-state.js';
 import { L1Table } from './cluster-map.js';
 import { forEachReachedTable } from './reach.js';
-import { EndAllocator, type RefcountStore } from './refcount.js';
+import type { RefcountStore } from './refcount.js';
+import { allocatorFor, freedBy, reclaim, runsToExtents } from './space.js';
 import { commitShadow, shadowL2Tables, type FreshWrite } from './shadow-commit.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
@@ -34,7 +38,8 @@ export async function revertToSnapshotAt(state: ImageState, rc: RefcountStore, i
         'resize the disk back first (qemu-img resize)',
     );
   }
-  const alloc = new EndAllocator(await rc.allocationEnd(), layout);
+  // Free runs as committed, before any refcount changes in memory: nothing this revert frees can be handed out.
+  const { alloc, committedFree, endOffset } = await allocatorFor(rc);
   const snapshotL1 = await readSnapshotL1(state, target);
   await addReferences(state, rc, snapshotL1, +1);
   await addReferences(state, rc, l1, -1);
@@ -56,6 +61,7 @@ export async function revertToSnapshotAt(state: ImageState, rc: RefcountStore, i
   }, () => undefined);
   state.l1 = next;
   state.fileSizeBytes = (await file.stat()).size;
+  await reclaim(state, rc, runsToExtents(await freedBy(rc, committedFree, endOffset, state), layout.clusterSize));
   return target;
 }
 

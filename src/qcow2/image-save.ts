@@ -2,13 +2,16 @@
  * Saving an internal snapshot exactly as QEMU's savevm leaves it, in two
  * halves around the vmstate stream:
  *
- *   begin():  reserve one contiguous run of new host clusters at the end of
- *             the file; the stream writes the vmstate there with O_DIRECT.
+ *   begin():  choose where the vmstate goes: free runs of the committed
+ *             image (vmstate-runs.ts), then the end of the file; the stream
+ *             writes it there with O_DIRECT.
  *   commit(): after the vmstate is durable, build the snapshot around it and
  *             switch to it with one header write (shadow-commit.ts): no live
  *             metadata cluster is modified in place, so a crash at any moment
  *             leaves either the old image or the new snapshot, with neither
- *             corruption nor leaks.
+ *             corruption nor leaks. Metadata goes to free clusters too
+ *             (allocator.ts); after the commit point what the save freed is
+ *             discarded and the free tail of the file cut (space.ts).
  *
  * The committed result matches QEMU 7.2's savevm (qcow2_snapshot_create):
  * the snapshot's L1 is a verbatim copy of the active L1 (COPIED bits
@@ -30,9 +33,13 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { L1Table, L2Table, QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
 import { invariant, unsupported } from './fail.js';
 import type { ImageState } from './image-state.js';
-import type { Layout } from './layout.js';
 import { forEachReachedTable } from './reach.js';
-import { EndAllocator, RefcountStore } from './refcount.js';
+import type { RefcountStore } from './refcount.js';
+import { findFreeRuns, type ByteExtent, type ClusterAllocator, type ClusterRun } from './allocator.js';
+import { Discarder } from './discard.js';
+import { allocatorFor, freedBy, reclaim, runsToExtents } from './space.js';
+import { VmStateRuns } from './vmstate-runs.js';
+import type { WritePiece } from '../stream/sink.js';
 import { commitShadow, shadowActiveTables, type ActiveShadow, type FreshWrite, type MetadataPointers } from './shadow-commit.js';
 import { saveReservationBytes } from './save-preallocate.js';
 import {
@@ -47,7 +54,11 @@ import {
 } from './snapshot-table.js';
 
 export interface SaveReservation {
-  /** File offset of the vmstate's first byte; cluster aligned (the stream sink's baseOffset). */
+  /**
+   * File offset of the vmstate's first byte; cluster aligned (the stream
+   * sink's baseOffset). Without `chunkBytes` at begin the vmstate is
+   * contiguous from here; with it, SaveTransaction.place() says where.
+   */
   baseOffset: number;
   /** The most vmstate bytes the image can describe (QEMU's 32 MiB L1 limit). */
   maxLength: number;
@@ -72,8 +83,22 @@ export interface SaveMetadata {
  */
 type Phase = 'reserved' | 'committing' | 'pastCommitPoint' | 'committed' | 'aborted';
 
+export interface SaveBeginOptions {
+  /** A power of two (the O_DIRECT alignment); every vmstate run starts and ends on it. */
+  alignmentBytes?: number;
+  /** The writer's buffer size: free runs of at least this much are reused. Without it the vmstate goes to the end, contiguous. */
+  chunkBytes?: number;
+  /** Expected vmstate length (a best-fit hint). */
+  expectedBytes?: number;
+  /** The vmstate is already written, contiguous, at this offset past the end (the savevm hand-off, qcow2/handoff.ts). */
+  atOffset?: number;
+}
+
 interface SavePlan {
   rc: RefcountStore;
+  /** Runs the committed refcounts counted as free, and the allocated end, before this commit. */
+  committedFree: ClusterRun[];
+  endOffset: number;
   entry: SnapshotEntry;
   table: Buffer;
   active: ActiveShadow;
@@ -85,51 +110,71 @@ export class SaveTransaction implements SaveReservation {
   readonly name: string;
   readonly baseOffset: number;
   readonly maxLength: number;
+  /** Where each logical byte of the vmstate goes. */
+  readonly runs: VmStateRuns;
   private readonly _state: ImageState;
   /** The refcounts, loaded once for the whole save (the caller's check used the same store). */
   private readonly _rc: RefcountStore;
   private readonly _fileSizeAtBegin: number;
+  /** The allocated end at begin(): the reservation of preallocate 'space' starts here. */
+  private readonly _endAtBegin: number;
   /** Refcount blocks in the image at begin() (they may all be copied; reservation bound). */
   private readonly _refcountBlocks: number;
   private _phase: Phase = 'reserved';
-  /** Space was reserved past the vmstate (preallocate: 'space'); give back what the save did not use. */
-  private _trimTail = false;
+  /** Space was reserved with fallocate (preallocate 'space'): metadata goes to the reserved end, not to punched runs. */
+  private _reserved = false;
+  /** Logical bytes handed to place() so far: what an abort must discard. */
+  private _placedEnd = 0;
+  /** Metadata written before the commit point (discarded by an abort). */
+  private _freshWrites: ByteExtent[] = [];
 
-  private constructor(state: ImageState, rc: RefcountStore, name: string, baseOffset: number, maxLength: number) {
+  private constructor(state: ImageState, rc: RefcountStore, name: string, runs: VmStateRuns, endAtBegin: number) {
+    const { layout, header } = state;
     this._state = state;
     this._rc = rc;
     this._refcountBlocks = rc.blockCount;
     this.name = name;
-    this.baseOffset = baseOffset;
-    this.maxLength = maxLength;
+    this.runs = runs;
+    this.baseOffset = runs.hostOffset(0);
+    const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - layout.vmStateL1Index(header.size);
+    this.maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - runs.tailOffset + runs.tailLogical));
     this._fileSizeAtBegin = state.fileSizeBytes;
+    this._endAtBegin = endAtBegin;
   }
 
   /**
-   * Reserves the vmstate run. The caller has checked the name, holds the
-   * write lock, and passes the image's refcounts, freshly loaded and not yet
-   * changed; the save keeps them until it commits. `alignmentBytes` (a power
-   * of two, e.g. the O_DIRECT alignment) may push the start past the end of
-   * file; the clusters skipped stay free.
+   * Chooses where the vmstate goes. The caller has checked the name, holds
+   * the write lock, and passes the image's refcounts, freshly loaded and not
+   * yet changed; the save keeps them until it commits. Alignment may push the
+   * tail past the end of file; the clusters skipped stay free.
    */
-  static async begin(state: ImageState, rc: RefcountStore, name: string, alignmentBytes = 1, atOffset?: number): Promise<SaveTransaction> {
-    const { layout, header } = state;
-    const step = Math.max(layout.clusterSize, alignmentBytes);
-    const firstFree = Math.ceil((await rc.allocationEnd()) / step) * step;
+  static async begin(state: ImageState, rc: RefcountStore, name: string, options: SaveBeginOptions = {}): Promise<SaveTransaction> {
+    const { layout } = state;
+    const end = await rc.allocationEnd();
+    const alignBytes = options.alignmentBytes ?? 1;
+    const step = Math.max(layout.clusterSize, alignBytes);
+    const atOffset = options.atOffset;
     // A hand-off (src/vm) wrote the vmstate at `atOffset` while QEMU still had the image: it must
     // still lie past everything allocated now, or QEMU allocated into it meanwhile.
-    if (atOffset !== undefined && (atOffset < firstFree || atOffset % step !== 0)) {
+    if (atOffset !== undefined && (atOffset < end || atOffset % step !== 0)) {
       throw new SnapshotError(
         ErrorCode.VM_STATE,
-        `the image changed while the vmstate was written: clusters up to offset ${firstFree} are in use, overlapping the vmstate written at ${atOffset}; nothing was committed`,
+        `the image changed while the vmstate was written: clusters up to offset ${end} are in use, overlapping the vmstate written at ${atOffset}; nothing was committed`,
         { path: state.file.path, offset: atOffset },
       );
     }
-    const baseOffset = atOffset ?? firstFree;
-    const vmIndex = layout.vmStateL1Index(header.size);
-    const l1Room = QCOW_MAX_L1_SIZE_BYTES / 8 - vmIndex;
-    const maxLength = Math.max(0, Math.min(l1Room * layout.l2CoverageBytes, 2 ** 52 - baseOffset));
-    return new SaveTransaction(state, rc, name, baseOffset, maxLength);
+    let runs = new VmStateRuns([], atOffset ?? Math.ceil(end / step) * step, layout.clusterSize);
+    if (options.chunkBytes !== undefined && atOffset === undefined) {
+      const free = await findFreeRuns(rc, layout.clustersFor(end));
+      runs = VmStateRuns.plan(free, end, layout, { chunkBytes: options.chunkBytes, alignBytes, expectedBytes: options.expectedBytes });
+    }
+    return new SaveTransaction(state, rc, name, runs, end);
+  }
+
+  /** Where a buffer of the stream goes (StreamSink.place); remembers how far the vmstate reached. */
+  place(logical: number, length: number): number | WritePiece[] {
+    this._placedEnd = Math.max(this._placedEnd, logical + length);
+    return this.runs.place(logical, length);
   }
 
   async commit(meta: SaveMetadata): Promise<SnapshotEntry> {
@@ -142,54 +187,72 @@ export class SaveTransaction implements SaveReservation {
     });
     this.committed(plan);
     this._state.fileSizeBytes = (await this._state.file.stat()).size;
-    if (this._trimTail) await this.trimTail().catch(() => undefined); // a failure only keeps free clusters
+    // After the commit point: discard what the save freed, cut the free tail (also an unused reservation).
+    const freed = await freedBy(plan.rc, plan.committedFree, plan.endOffset, this._state);
+    await reclaim(this._state, plan.rc, runsToExtents(freed, this._state.layout.clusterSize));
     return plan.entry;
   }
 
-  /** Bytes from baseOffset that a save of up to `vmStateBytes` can occupy (save-preallocate.ts); a pure query. */
+  /**
+   * The byte ranges a save of up to `vmStateBytes` can occupy, to reserve
+   * with preallocate 'space': the vmstate's runs inside the file (punched
+   * holes need their blocks back), then from the allocated end the vmstate's
+   * tail and a bound of the metadata (save-preallocate.ts). Metadata then goes
+   * only to that reserved end; commit() cuts what the save did not use.
+   */
+  reservationExtents(vmStateBytes: number): ByteExtent[] {
+    const { layout } = this._state;
+    const expected = Math.min(vmStateBytes, this.maxLength);
+    const metadataBytes = this.reservationBytes(expected) - layout.clustersFor(expected) * layout.clusterSize;
+    this._reserved = true;
+    const inside = this.runs.usedExtents(Math.min(expected, this.runs.tailLogical));
+    const tailBytes = Math.max(0, expected - this.runs.tailLogical);
+    const end = this.runs.tailOffset + layout.clustersFor(tailBytes) * layout.clusterSize + metadataBytes;
+    return [...inside, { offset: this._endAtBegin, length: end - this._endAtBegin }];
+  }
+
+  /** Bytes past the tail that a contiguous save of up to `vmStateBytes` can occupy (save-preallocate.ts); a pure query. */
   reservationBytes(vmStateBytes: number): number {
-    return saveReservationBytes(this._state, this, this._refcountBlocks, vmStateBytes);
-  }
-
-  /** Space past the vmstate was reserved: commit() truncates what the save did not use. */
-  trimTailOnCommit(): void {
-    this._trimTail = true;
-  }
-
-  /** Truncates the file after the last cluster in use, returning a reservation's unused tail. */
-  private async trimTail(): Promise<void> {
-    const end = await this._rc.allocationEnd();
-    if (end >= this._state.fileSizeBytes) return;
-    await this._state.file.truncate(end);
-    // fdatasync: the shorter length is durable; a crash before only leaves free clusters past the end.
-    await this._state.file.datasync();
-    this._state.fileSizeBytes = end;
+    return saveReservationBytes(this._state, { baseOffset: this.runs.tailOffset, maxLength: this.maxLength }, this._refcountBlocks, vmStateBytes);
   }
 
   /**
    * Leaves the image as before. Until the header write, everything we wrote
-   * lies in free clusters past the last allocated one and nothing references
-   * it, so the file is truncated back to its old length. Once the header
-   * write was issued it may have reached the disk: the file is left alone
-   * (the new clusters are then either in use or free, never leaked).
+   * lies in clusters the committed refcounts call free and nothing references
+   * it: the vmstate and metadata written into free runs are discarded (so the
+   * vmstate cannot be read back), and the file is truncated back to its old
+   * length. Once the header write was issued it may have reached the disk:
+   * the file is left alone (the new clusters are then either in use or free,
+   * never leaked; the next write-open discards free clusters).
    */
   async abort(): Promise<void> {
     if (this._phase === 'committed' || this._phase === 'aborted') return;
-    const truncate = this._phase === 'reserved' || this._phase === 'committing';
+    const undo = this._phase === 'reserved' || this._phase === 'committing';
     this._phase = 'aborted';
-    if (truncate) {
-      await this._state.file.truncate(this._fileSizeAtBegin);
+    if (!undo) return;
+    const { file } = this._state;
+    const written = [...this.runs.usedExtents(this._placedEnd), ...this._freshWrites];
+    const device = file.isBlockDevice === true;
+    // A regular file is cut back below the tail; a device keeps its length, so the tail is zeroed too.
+    const size = device ? this._state.fileSizeBytes : Math.min(this._fileSizeAtBegin, (await file.stat()).size);
+    await new Discarder(file).discard(written, size);
+    if (!device) {
+      await file.truncate(this._fileSizeAtBegin);
       this._state.fileSizeBytes = this._fileSizeAtBegin;
     }
+    // fdatasync: the discarded vmstate and the old length are durable.
+    await file.datasync();
   }
 
   private async plan(meta: SaveMetadata): Promise<SavePlan> {
     const { layout, header, l1 } = this._state;
     const vmClusters = layout.clustersFor(meta.vmStateSize);
-    const alloc = new EndAllocator(this.baseOffset, layout);
-    alloc.allocClusters(vmClusters);
+    const rc = this._rc;
+    // Free runs as committed, before any refcount changes in memory: nothing this save frees can be handed out.
+    const { alloc, committedFree, endOffset } = await allocatorFor(rc, { endOnly: this._reserved });
+    for (const e of this.runs.usedExtents(meta.vmStateSize)) alloc.takeRange(layout.clusterIndex(e.offset), e.length / layout.clusterSize);
     const vmIndex = layout.vmStateL1Index(header.size);
-    const vmL2s = buildVmStateL2s(alloc, this.baseOffset, vmClusters, layout);
+    const vmL2s = buildVmStateL2s(alloc, this.runs, vmClusters);
     const l1Entries = Math.max(l1.entries, vmL2s.length > 0 ? vmIndex + vmL2s.length : 0);
     if (l1Entries > QCOW_MAX_L1_SIZE_BYTES / 8) throw unsupported('the vmstate needs an L1 table above 32 MiB');
     // Verbatim copy of the live L1, COPIED bits included: QEMU copies the L1 before updating refcounts.
@@ -200,7 +263,6 @@ export class SaveTransaction implements SaveReservation {
     const entry = this.makeEntry(meta, snapshotL1Offset, l1Entries);
     const table = encodeSnapshotTable([...this._state.snapshots, entry]);
     const tableOffset = alloc.allocBytes(table.length);
-    const rc = this._rc;
     await addSnapshotReferences(this._state, rc, (i) => i >= vmIndex && i < vmIndex + vmL2s.length);
     const active = await shadowActiveTables(this._state, rc, alloc);
     await rc.release(header.snapshotsOffset, this._state.snapshotTableBytes);
@@ -220,7 +282,8 @@ export class SaveTransaction implements SaveReservation {
       nbSnapshots: this._state.snapshots.length + 1,
       snapshotsOffset: tableOffset,
     };
-    return { rc, entry, table, active, writes, pointers };
+    this._freshWrites = writes.map((w) => ({ offset: w.offset, length: w.bytes.length }));
+    return { rc, committedFree, endOffset, entry, table, active, writes, pointers };
   }
 
   private makeEntry(meta: SaveMetadata, l1TableOffset: number, l1Size: number): SnapshotEntry {
@@ -291,15 +354,15 @@ function validateSaveMetadata(meta: SaveMetadata, maxLength: number): void {
   }
 }
 
-/** L2 tables for the vmstate area: entry k maps vmstate cluster k to baseOffset + k clusters. */
-function buildVmStateL2s(alloc: EndAllocator, baseOffset: number, vmClusters: number, layout: Layout): L2Table[] {
+/** L2 tables for the vmstate area: entry k maps vmstate cluster k to where the runs put it. */
+function buildVmStateL2s(alloc: ClusterAllocator, runs: VmStateRuns, vmClusters: number): L2Table[] {
+  const layout = alloc.layout;
   const count = Math.ceil(vmClusters / layout.l2Entries);
-  const base = alloc.allocClusters(count);
   const tables: L2Table[] = [];
-  for (let t = 0; t < count; t++) tables.push(L2Table.empty(base + t * layout.clusterSize, layout));
+  for (let t = 0; t < count; t++) tables.push(L2Table.empty(alloc.allocClusters(1), layout));
   for (let k = 0; k < vmClusters; k++) {
     // COPIED stays clear, as in the L2 QEMU's savevm leaves to the snapshot.
-    tables[Math.floor(k / layout.l2Entries)]!.setStandard(k % layout.l2Entries, baseOffset + k * layout.clusterSize, {
+    tables[Math.floor(k / layout.l2Entries)]!.setStandard(k % layout.l2Entries, runs.hostOffset(k * layout.clusterSize), {
       copied: false,
     });
   }

@@ -15,11 +15,13 @@
  * keeps its old meaning), waits for the operation running, and refuses what
  * was still waiting with IMAGE_CLOSED.
  */
-import { ErrorCode, SnapshotError } from '../errors.js';
+import { ErrorCode, isSnapshotError, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef, type PathLike } from '../validate.js';
 import { checkImage, type CheckResult } from './check.js';
+import { scrubFreeSpace, spaceReport } from './space.js';
+import type { WritePiece } from '../stream/sink.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
 import { revertToSnapshotAt } from './image-revert.js';
@@ -52,6 +54,16 @@ export type { SnapshotInfo } from './snapshot-info.js';
 
 const DEFAULT_OPEN: OpenImageConfig = { readOnly: false, forceShare: false };
 
+/** @internal */
+export interface WriteOpenOptions {
+  /**
+   * Discard free clusters and cut the unreferenced tail at a write-open
+   * (space.ts scrubFreeSpace). Default true. The savevm hand-off opens with
+   * false: its vmstate lies past the image end, unreferenced until it commits.
+   */
+  scrub?: boolean;
+}
+
 /** Largest alignment a save's vmstate run may be asked to start on (the largest DIO alignment we accept). */
 const MAX_SAVE_ALIGNMENT_BYTES = 1 << 20;
 
@@ -74,19 +86,21 @@ export class Image {
   }
 
   /** @internal use openImage() */
-  static async open(path: string, config: OpenImageConfig = DEFAULT_OPEN): Promise<Image> {
+  static async open(path: string, config: OpenImageConfig = DEFAULT_OPEN, writeOpen: WriteOpenOptions = {}): Promise<Image> {
     const file = await TargetFile.open(path, { write: !config.readOnly, create: false, direct: false });
-    return Image.fromFile(file, config);
+    return Image.fromFile(file, config, writeOpen);
   }
 
   /**
    * @internal Opens an image on an already open metadata file (tests wrap it
    * to record or fail writes). Takes ownership of `file`.
    */
-  static async fromFile(file: MetaFile, config: OpenImageConfig = DEFAULT_OPEN): Promise<Image> {
+  static async fromFile(file: MetaFile, config: OpenImageConfig = DEFAULT_OPEN, writeOpen: WriteOpenOptions = {}): Promise<Image> {
     try {
       const { state, locks } = await openImageState(file, config);
-      return new Image(file.path, config.readOnly, state, locks);
+      const image = new Image(file.path, config.readOnly, state, locks);
+      if (!config.readOnly && writeOpen.scrub !== false) await image.scrubFreeSpace();
+      return image;
     } catch (err) {
       await file.close().catch(() => undefined);
       if (err instanceof SnapshotError && err.path === undefined) Object.assign(err, { path: file.path });
@@ -154,8 +168,9 @@ export class Image {
     });
   }
 
+  /** qemu-img check's figures, and the space report (space.ts). */
   async check(): Promise<CheckResult> {
-    return this.exclusive(async () => checkImage(this._state));
+    return this.exclusive(async () => ({ ...(await checkImage(this._state)), space: await spaceReport(this._state) }));
   }
 
   /**
@@ -174,7 +189,8 @@ export class Image {
       this.started(async () => {
         this.assertWritable();
         refuseNewSnapshot(this._state.snapshots, name);
-        return SaveTransaction.begin(this._state, await this._meta.refcountsForWrite(), name, alignment, options.baseOffset);
+        const begin = { alignmentBytes: alignment, chunkBytes: options.chunkBytes, expectedBytes: options.expectedBytes, atOffset: options.baseOffset };
+        return SaveTransaction.begin(this._state, await this._meta.refcountsForWrite(), name, begin);
       });
     return this._saves.begin(reserve, options.cancel).then((tx) => ({ baseOffset: tx.baseOffset, maxLength: tx.maxLength }));
   }
@@ -182,6 +198,11 @@ export class Image {
   /** @internal Reserves the disk space of the running save through the stream's descriptor (preallocate 'space'). */
   async preallocateSave(file: TargetFile, vmStateBytes: number, signal: AbortSignal | undefined): Promise<void> {
     await preallocateSave(this._saves.running('preallocateSave').tx, file, vmStateBytes, signal);
+  }
+
+  /** @internal Where the running save's stream puts a buffer (StreamSink.place; once per buffer). */
+  placeSave(logical: number, length: number): number | WritePiece[] {
+    return this._saves.running('placeSave').tx.place(logical, length);
   }
 
   /** Second half of a save; resolves once the snapshot exists durably. */
@@ -238,6 +259,22 @@ export class Image {
 
   private get _state(): ImageState {
     return this._meta.state;
+  }
+
+  /**
+   * At a write-open: free clusters that still hold bytes (a crash between a
+   * commit and its discard, or during a save's data phase) are discarded,
+   * and the unreferenced tail is cut. Only on an image that checks
+   * consistent: an inconsistent one is refused at its first write instead.
+   */
+  private async scrubFreeSpace(): Promise<void> {
+    try {
+      await this._meta.refcountsForWrite();
+    } catch (err) {
+      if (isSnapshotError(err, ErrorCode.QCOW2_CORRUPT) || isSnapshotError(err, ErrorCode.QCOW2_UNSUPPORTED)) return;
+      throw err;
+    }
+    await scrubFreeSpace(this._state);
   }
 
   private assertOpen(): void {

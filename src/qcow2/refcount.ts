@@ -6,50 +6,19 @@
  * in place: relocate() moves it to a fresh cluster and builds a fresh table,
  * which the header switches to in one write (shadow-commit.ts).
  *
- * Allocation is append-only: while snapstream holds the image's write lock
- * nothing else allocates, so new clusters are taken from the cluster-aligned
- * end of the file (EndAllocator). Their refcounts must be 0 beforehand, which
- * is checked rather than assumed.
+ * New clusters come from a ClusterAllocator (allocator.ts): free runs of the
+ * committed refcounts first, then the end of the file. Their refcounts must
+ * be 0 beforehand, which is checked rather than assumed.
  */
 import { corrupt, invariant, unsupported } from './fail.js';
 import { readExact, type MetaFile } from './file.js';
+import type { ClusterAllocator } from './allocator.js';
 import type { Layout } from './layout.js';
 
 /** QEMU refuses refcount tables above 8 MiB (QCOW_MAX_REFTABLE_SIZE). */
 export const QCOW_MAX_REFTABLE_SIZE_BYTES = 8 * 1024 * 1024;
 /** Bits 0-8 of a refcount table entry are reserved. */
 const REFTABLE_RESERVED_MASK = 0x1ffn;
-
-/** Hands out contiguous clusters from the end of the file. */
-export class EndAllocator {
-  /** First byte handed out (cluster aligned). */
-  readonly startOffset: number;
-  private _endOffset: number;
-  private readonly _layout: Layout;
-
-  constructor(startOffset: number, layout: Layout) {
-    invariant(layout.isAligned(startOffset), 'allocation starts on a cluster boundary');
-    this.startOffset = startOffset;
-    this._endOffset = startOffset;
-    this._layout = layout;
-  }
-
-  get endOffset(): number {
-    return this._endOffset;
-  }
-
-  /** Reserves `clusters` contiguous clusters and returns the first one's offset. */
-  allocClusters(clusters: number): number {
-    invariant(Number.isInteger(clusters) && clusters >= 0, 'cluster count');
-    const offset = this._endOffset;
-    this._endOffset += clusters * this._layout.clusterSize;
-    return offset;
-  }
-
-  allocBytes(bytes: number): number {
-    return this.allocClusters(this._layout.clustersFor(bytes));
-  }
-}
 
 /** Reads refcount entry `index` of a block of any width. */
 export function getRefcountEntry(block: Buffer, index: number, order: number): number {
@@ -231,8 +200,9 @@ export class RefcountStore {
    * Moves every changed refcount block to a fresh cluster and builds a fresh
    * refcount table, in memory (shadow paging; see shadow-commit.ts). On return:
    *
-   *   - every cluster in [alloc.startOffset, alloc.endOffset) has refcount 1,
-   *     except the clusters of a table that had to be re-sized (0, free);
+   *   - every cluster the allocator handed out in this transaction has
+   *     refcount 1, except the clusters of a table that had to be re-sized
+   *     (0, free);
    *   - every block that differs from its on-disk copy has a new cluster, and
    *     its old cluster, which only the old table referenced, has refcount 0;
    *   - the old table's clusters have refcount 0.
@@ -240,19 +210,18 @@ export class RefcountStore {
    * New blocks and the new table need refcounts themselves, so this iterates
    * to a fixpoint. Nothing on disk changes; `freshWrites()` lists the writes.
    */
-  async relocate(alloc: EndAllocator): Promise<ShadowTable> {
+  async relocate(alloc: ClusterAllocator): Promise<ShadowTable> {
     invariant(this._shadow === undefined, 'relocate runs once per transaction');
     const layout = this.layout;
     const oldTableFirst = layout.clusterIndex(this._tableOffset);
     await this.preloadRange(oldTableFirst, oldTableFirst + this._tableClusters);
     for (let i = 0; i < this._tableClusters; i++) this.add(oldTableFirst + i, -1);
-    let counted = layout.clusterIndex(alloc.startOffset);
+    let counted = 0; // runs of alloc already given refcount 1
     let table: ShadowTable | undefined;
     for (let round = 0; ; round++) {
       invariant(round < 64, 'refcount structure allocation converges');
-      const endCluster = layout.clusterIndex(alloc.endOffset);
-      await this.coverRange(counted, endCluster);
-      counted = endCluster;
+      for (const run of alloc.takenSince(counted)) await this.coverRange(run.first, run.first + run.count);
+      counted = alloc.takenCount;
       let progress = await this.relocateDirtyBlocks(alloc);
       const neededEntries = this.lastBlockIndex() + 1;
       if (table === undefined || neededEntries > (table.clusters * layout.clusterSize) / 8) {
@@ -262,7 +231,7 @@ export class RefcountStore {
         table = { offset: alloc.allocClusters(clusters), clusters };
         progress = true;
       }
-      if (!progress && layout.clusterIndex(alloc.endOffset) === counted) break;
+      if (!progress && alloc.takenCount === counted) break;
     }
     this._shadow = table;
     return table;
@@ -279,7 +248,7 @@ export class RefcountStore {
     }
     for (let cluster = first; cluster < end; cluster++) {
       if (this.get(cluster) !== 0) {
-        throw corrupt(`cluster ${cluster} past the allocated end already has refcount ${this.get(cluster)}`, {
+        throw corrupt(`cluster ${cluster}, handed out as free, already has refcount ${this.get(cluster)}`, {
           offset: cluster * this.layout.clusterSize,
         });
       }
@@ -288,7 +257,7 @@ export class RefcountStore {
   }
 
   /** Gives each changed, not yet moved block a fresh cluster and frees its old one. Returns whether any moved. */
-  private async relocateDirtyBlocks(alloc: EndAllocator): Promise<boolean> {
+  private async relocateDirtyBlocks(alloc: ClusterAllocator): Promise<boolean> {
     let moved = false;
     for (const index of [...this._dirty].sort((a, b) => a - b)) {
       if (this._relocated.has(index)) continue;

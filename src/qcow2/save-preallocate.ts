@@ -3,7 +3,7 @@
  * vmstate byte, reserve on disk everything the save can occupy, so that a
  * full disk is an ENOSPC up front with the image untouched, never a failure
  * after gigabytes of streaming. The save gives back what it did not use when
- * it commits (SaveTransaction.trimTailOnCommit).
+ * it commits (space.ts reclaim cuts the free tail).
  */
 import { reserveSpace } from '../io/preallocate.js';
 import type { TargetFile } from '../io/target-file.js';
@@ -64,6 +64,6 @@ export async function preallocateSave(
   vmStateBytes: number,
   signal: AbortSignal | undefined,
 ): Promise<void> {
-  await reserveSpace(file, save.baseOffset, save.reservationBytes(vmStateBytes), { signal });
-  save.trimTailOnCommit();
+  // The runs inside the file (punched holes) and the end: one reservation each, all before the first byte.
+  for (const e of save.reservationExtents(vmStateBytes)) await reserveSpace(file, e.offset, e.length, { signal });
 }

@@ -24,7 +24,8 @@ import { invariant } from './fail.js';
 import { encodeMetadataPointers, HEADER_POINTERS_BYTES, HEADER_POINTERS_OFFSET, type MetadataPointers } from './header.js';
 import type { ImageState } from './image-state.js';
 import { forEachReachedTable } from './reach.js';
-import type { EndAllocator, RefcountStore } from './refcount.js';
+import type { ClusterAllocator } from './allocator.js';
+import type { RefcountStore } from './refcount.js';
 
 export type { MetadataPointers } from './header.js';
 
@@ -55,7 +56,7 @@ export interface ActiveShadow {
  * refcounts of the L1 and of the tables replaced here change only clusters
  * that are not L2 tables or data.
  */
-export async function shadowActiveTables(state: ImageState, rc: RefcountStore, alloc: EndAllocator): Promise<ActiveShadow> {
+export async function shadowActiveTables(state: ImageState, rc: RefcountStore, alloc: ClusterAllocator): Promise<ActiveShadow> {
   const { l1, header } = state;
   const { next, writes } = await shadowL2Tables(state, l1, rc, alloc);
   if (next.bytes.equals(l1.bytes)) {
@@ -77,7 +78,7 @@ export async function shadowL2Tables(
   state: ImageState,
   l1: L1Table,
   rc: RefcountStore,
-  alloc: EndAllocator,
+  alloc: ClusterAllocator,
 ): Promise<{ next: L1Table; writes: FreshWrite[] }> {
   const { layout } = state;
   const next = new L1Table(Buffer.from(l1.bytes), layout);

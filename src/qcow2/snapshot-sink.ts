@@ -7,7 +7,7 @@
  */
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
-import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from '../stream/sink.js';
+import { STREAM_IO_THREADS, type SinkFactory, type StreamSink, type WritePiece } from '../stream/sink.js';
 import type { Image } from './image.js';
 import type { SnapshotSinkConfig } from './image-options.js';
 
@@ -44,7 +44,13 @@ export class SnapshotSink implements StreamSink {
   static async open(image: Image, name: string, config: SnapshotSinkConfig, hooks: SinkHooks = {}): Promise<SnapshotSink> {
     const file = await TargetFile.open(image.path, { write: true, create: false, direct: config.direct, threads: STREAM_IO_THREADS });
     try {
-      const reservation = await image.beginSave(name, { alignment: file.alignment, cancel: hooks.cancel });
+      // The stream's buffer size: free runs holding at least one buffer are reused for the vmstate.
+      const reservation = await image.beginSave(name, {
+        alignment: file.alignment,
+        cancel: hooks.cancel,
+        chunkBytes: config.bufferSize,
+        expectedBytes: config.expectedSize,
+      });
       if (config.preallocate === 'space' && config.expectedSize !== undefined && config.expectedSize > 0) {
         await image.preallocateSave(file, config.expectedSize, config.signal).catch(async (err: unknown) => {
           await image.abortSave().catch(() => undefined);
@@ -56,6 +62,11 @@ export class SnapshotSink implements StreamSink {
       await file.close().catch(() => undefined);
       throw err;
     }
+  }
+
+  /** The vmstate may span several free runs: the image's save says where each buffer goes. */
+  place(logical: number, length: number): number | WritePiece[] {
+    return this._image.placeSave(logical, length);
   }
 
   async finalize(logicalLength: number): Promise<void> {

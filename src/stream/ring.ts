@@ -10,6 +10,7 @@ import { assert, internalError } from '../assert.js';
 import { toSnapshotError, type SnapshotError } from '../errors.js';
 import type { TargetFile } from '../io/target-file.js';
 import { DepthTuner } from './depth-tuner.js';
+import type { WritePiece } from './sink.js';
 
 export const FREE = 0;
 export const FILLING = 1;
@@ -81,11 +82,12 @@ export class Ring {
    * Hands the first `length` bytes of FILLING buffer `index` to the target at
    * file offset `position`; `logicalBytes` of them are stream data.
    */
-  submit(index: number, length: number, logicalBytes: number, position: number): void {
+  submit(index: number, length: number, logicalBytes: number, position: number | readonly WritePiece[]): void {
     const alignment = this._file.alignment;
     assert(this._state[index] === FILLING, 'only a FILLING buffer is submitted');
     assert(length > 0 && length <= this.bufferSize && length % alignment === 0, 'submit length is aligned and fits the buffer');
-    assert(position % alignment === 0, 'submit position is aligned');
+    if (typeof position === 'number') assert(position % alignment === 0, 'submit position is aligned');
+    else assertPieces(position, length, alignment);
     assert(logicalBytes > 0 && logicalBytes <= length, 'logical bytes fit the submitted length');
     this._state[index] = IN_FLIGHT;
     this._logicalBytes[index] = logicalBytes;
@@ -95,9 +97,9 @@ export class Ring {
     assert(this._inFlight <= this._state.length, 'in flight <= buffers');
     this._tuner.submitted(this._inFlight);
     const buffer = this.buffers[index] as Uint8Array;
-    this._file
-      .write(length === buffer.byteLength ? buffer : buffer.subarray(0, length), position)
-      .then(this._onOk[index], this._onFail[index]);
+    const data = length === buffer.byteLength ? buffer : buffer.subarray(0, length);
+    const write = typeof position === 'number' ? this._file.write(data, position) : writePieces(this._file, data, position);
+    write.then(this._onOk[index], this._onFail[index]);
   }
 
   private _complete(index: number, error: SnapshotError | undefined): void {
@@ -138,5 +140,23 @@ export class Ring {
       (this.buffers[i] as Uint8Array).fill(0, 0, Math.min(dirty, this.bufferSize));
       this._dirtyBytes[i] = 0;
     }
+  }
+}
+
+/**
+ * A buffer whose bytes go to several places (a sink spread over runs, see
+ * StreamSink.place): written piece by piece in order, completing once. Rare:
+ * only a buffer that crosses the end of a run.
+ */
+async function writePieces(file: TargetFile, data: Uint8Array, pieces: readonly WritePiece[]): Promise<void> {
+  for (const p of pieces) await file.write(data.subarray(p.from, p.to), p.position);
+}
+
+function assertPieces(pieces: readonly WritePiece[], length: number, alignment: number): void {
+  assert(pieces.length > 0 && pieces[0]!.from === 0 && pieces[pieces.length - 1]!.to === length, 'pieces cover the buffer');
+  for (let i = 0; i < pieces.length; i++) {
+    const p = pieces[i]!;
+    assert(p.from % alignment === 0 && p.position % alignment === 0 && p.to > p.from, 'pieces are aligned');
+    assert(i === 0 || pieces[i - 1]!.to === p.from, 'pieces are contiguous in the buffer');
   }
 }

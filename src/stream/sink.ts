@@ -14,12 +14,26 @@ import type { TargetFile } from '../io/target-file.js';
  */
 export const STREAM_IO_THREADS = 2;
 
+/** A piece of one buffer write: buffer bytes [from, to) go to file offset `position`. */
+export interface WritePiece {
+  from: number;
+  to: number;
+  position: number;
+}
+
 export interface StreamSink {
   readonly file: TargetFile;
   /** File offset of logical byte 0; a multiple of file.alignment. */
   readonly baseOffset: number;
   /** Most logical bytes the sink can take, when bounded. */
   readonly maxLength: number | undefined;
+  /**
+   * Where the buffer for logical bytes [logical, logical + length) goes, when
+   * the sink's space is not one contiguous run from baseOffset (a qcow2
+   * vmstate spread over reused free runs): one file offset, or pieces when
+   * the buffer crosses the end of a run. Called once per buffer.
+   */
+  readonly place?: (logical: number, length: number) => number | WritePiece[];
   /**
    * Every byte up to `paddedEnd` (file offset, aligned, zero-padded past the
    * logical end) has been written. Make it durable and meaningful.

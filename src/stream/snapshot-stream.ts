@@ -282,7 +282,9 @@ export class SnapshotStream extends Writable {
   /** Submits the FILLING buffer; `length` > _fillLen only for the padded tail. */
   private _submitFill(length: number): void {
     assert(this._fill >= 0 && this._fillLen > 0 && this._fillLen <= length, 'a non-empty FILLING buffer to submit');
-    const position = (this._sink as StreamSink).baseOffset + this._submittedEnd;
+    const sink = this._sink as StreamSink;
+    // A sink spread over several runs says where each buffer goes (once per buffer, not per write).
+    const position = sink.place === undefined ? sink.baseOffset + this._submittedEnd : sink.place(this._submittedEnd, length);
     (this._ring as Ring).submit(this._fill, length, this._fillLen, position);
     this._submittedEnd += length;
     this._fill = -1;

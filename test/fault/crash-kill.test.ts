@@ -6,11 +6,15 @@
  * one by one; this is their counterpart with the real code, the real
  * process death and the real kernel.
  *
- * Where the kills land. Half the trials kill at a uniform moment of the data
- * phase (from the child's "ready" line to its "data-done" line); the other
- * half wait for "data-done" and kill inside the commit (vmstate fdatasync,
- * metadata, commit point, freeing the old table), with a density that grows
- * toward its end (see COMMIT_WINDOW_FACTOR). A 4 KiB-cluster image with
+ * Where the kills land. A third of the trials kill at a uniform moment of
+ * the data phase (from the child's "ready" line to its "data-done" line); a
+ * third wait for "data-done" and kill inside the commit (vmstate fdatasync,
+ * metadata, commit point, discarding what it freed), with a density that
+ * grows toward its end (see COMMIT_WINDOW_FACTOR); a third wait for the
+ * child's "deleting" line (after the save it deletes snapshot 'doomed') and
+ * kill inside that delete: its commit and then the discard of the doomed
+ * vmstate. The template has a freed hole, so the new vmstate and metadata
+ * reuse freed clusters. A 4 KiB-cluster image with
  * 24 MiB of guest data in three places gives the commit thousands of
  * refcount updates, a dozen L2 tables to rewrite and new refcount blocks to
  * add, so it lasts tens of milliseconds and kills land across its sync
@@ -25,8 +29,12 @@
  *     the earlier snapstream snapshot are bit-identical, and
  *     `qemu-img info` lists the earlier snapshots exactly as before;
  *   - the new snapshot is absent, or complete: its size and sha256 match;
+ *     'doomed' is present and complete, or (only after the save finished)
+ *     gone;
  *   - a fresh save into the same image works, after which qemu-img check
- *     is clean again.
+ *     is clean again, and no sample of a vmstate that is not in the image
+ *     (a deleted 'doomed', an interrupted 'new') can be found in the file:
+ *     the write-open discarded what the kill left readable.
  *
  * Before the shadow commit, about 1 kill in 600 left a live refcount block
  * with refcount 0 and about 1 in 10 left OFLAG_COPIED mismatches (QEMU's own
@@ -37,7 +45,7 @@
  * npm); CRASH_SEED replays a kill schedule (timing makes replays approximate).
  */
 import { spawn } from 'node:child_process';
-import { copyFile, mkdir, rm } from 'node:fs/promises';
+import { copyFile, mkdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
 import { Readable } from 'node:stream';
@@ -57,6 +65,13 @@ const VMSTATE_SEED = 20260101;
 const EARLIER_VMSTATE_BYTES = 2 * MiB + 12345;
 const EARLIER_SEED = 7;
 const FRESH_VMSTATE_BYTES = MiB + 3;
+/** Saved and deleted in the template: a freed hole the new save reuses. */
+const SCRATCH_BYTES = 16 * MiB;
+/** In the template; every child deletes it after its save. */
+const DOOMED_BYTES = 8 * MiB + 777;
+const DOOMED_SEED = 31;
+/** 64-byte samples searched for in the image after a trial, spread over a vmstate. */
+const REMANENCE_SAMPLES = 16;
 const TRIALS = Number(process.env.CRASH_TRIALS ?? 20);
 const SEED = crashSeed(process.env.CRASH_SEED);
 
@@ -109,13 +124,15 @@ interface ChildRun {
   code: number | null;
   dataDoneMs?: number;
   finishedMs?: number;
+  deletingMs?: number;
+  deletedMs?: number;
 }
 
-type KillPlan = { after: 'ready' | 'data-done'; delayMs: number } | undefined;
+type KillPlan = { after: 'ready' | 'data-done' | 'deleting'; delayMs: number } | undefined;
 
 /** Runs the saver child; with a plan, SIGKILLs it `delayMs` after the named marker line. */
 async function runSaver(dist: string, image: string, plan: KillPlan): Promise<ChildRun> {
-  const child = spawn(process.execPath, [CHILD, dist, image, 'new', String(VMSTATE_BYTES), String(VMSTATE_SEED)], {
+  const child = spawn(process.execPath, [CHILD, dist, image, 'new', String(VMSTATE_BYTES), String(VMSTATE_SEED), 'doomed'], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const result: ChildRun = { markers: [], signal: null, code: null };
@@ -134,6 +151,8 @@ async function runSaver(dist: string, image: string, plan: KillPlan): Promise<Ch
     result.markers.push(marker as string);
     if (marker === 'data-done') result.dataDoneMs = Number(value);
     if (marker === 'finished') result.finishedMs = Number(value);
+    if (marker === 'deleting') result.deletingMs = Number(value);
+    if (marker === 'deleted') result.deletedMs = Number(value);
     if (plan !== undefined && marker === plan.after) setTimeout(() => child.kill('SIGKILL'), plan.delayMs);
   }
   await exited;
@@ -192,6 +211,20 @@ async function save(path: string, name: string, data: Buffer): Promise<void> {
   await pipeline(Readable.from([data.subarray(0, 4099), data.subarray(4099)]), createSnapshotStream(path, { snapshot: name }));
 }
 
+async function remove(path: string, name: string): Promise<void> {
+  const img = await openImage(path);
+  try {
+    await img.deleteSnapshot(name);
+  } finally {
+    await img.close();
+  }
+}
+
+function samplesOf(data: Buffer): Buffer[] {
+  const step = Math.floor((data.length - 64) / REMANENCE_SAMPLES);
+  return Array.from({ length: REMANENCE_SAMPLES }, (_, i) => data.subarray(i * step, i * step + 64));
+}
+
 describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random moment', () => {
   let dir: TmpDir;
   let dist: string;
@@ -200,6 +233,7 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
   const vmstate = randomBytesFromSeed(VMSTATE_BYTES, VMSTATE_SEED);
   const vmstateSha = sha256(vmstate);
   const earlier = randomBytesFromSeed(EARLIER_VMSTATE_BYTES, EARLIER_SEED);
+  const doomed = randomBytesFromSeed(DOOMED_BYTES, DOOMED_SEED);
 
   beforeAll(async () => {
     dir = await tmpDir('crash-kill');
@@ -209,16 +243,19 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
     await qemuIo(template, ['write -P 0x61 0 8M', 'write -P 0x62 100M 8M']);
     await qemuImg.snapshot(template, 'create', 'disk-only');
     await qemuIo(template, ['write -P 0x63 4M 8M']);
+    await save(template, 'scratch', randomBytesFromSeed(SCRATCH_BYTES, 5));
     await save(template, 'earlier', earlier);
+    await remove(template, 'scratch'); // a 16 MiB hole: 'doomed' takes half, the new save the rest
+    await save(template, 'doomed', doomed);
     await qemuIo(template, ['write -P 0x64 200M 4M']);
     expect((await check(template)).exitCode).toBe(0);
     snapshotsBefore = await qemuImg.snapshotList(template);
-    expect(snapshotsBefore.map((s) => s.name)).toEqual(['disk-only', 'earlier']);
+    expect(snapshotsBefore.map((s) => s.name)).toEqual(['disk-only', 'earlier', 'doomed']);
   });
   afterAll(async () => dir?.cleanup());
 
-  /** Everything that must hold after any kill. Returns what qemu-img check saw and whether 'new' exists. */
-  async function verifyAfterKill(path: string, label: string): Promise<{ present: boolean; check: CheckOutcome }> {
+  /** Everything that must hold after any kill. Returns what qemu-img check saw and which snapshots exist. */
+  async function verifyAfterKill(path: string, label: string): Promise<{ present: boolean; doomedPresent: boolean; check: CheckOutcome }> {
     const outcome = await check(path);
     expect(outcome.corruptions, `${label}: qemu-img check\n${outcome.text}`).toBe(0);
     expect(outcome.leaks, `${label}: qemu-img check\n${outcome.text}`).toBe(0);
@@ -226,22 +263,34 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
     await readSnapshotDisk(path, 'disk-only', DISK_ONLY_READS);
     await readSnapshotDisk(path, 'earlier', EARLIER_READS);
     const listed = await qemuImg.snapshotList(path);
-    expect(listed.slice(0, 2), label).toEqual(snapshotsBefore);
+    const present = listed.some((s) => s.name === 'new');
+    const doomedPresent = listed.some((s) => s.name === 'doomed');
+    const kept = snapshotsBefore.filter((s) => doomedPresent || s.name !== 'doomed');
+    expect(listed.filter((s) => s.name !== 'new'), label).toEqual(kept);
     expect(sha256(await exportVmState(path, 'earlier')), label).toBe(sha256(earlier));
+    if (doomedPresent) expect(sha256(await exportVmState(path, 'doomed')), label).toBe(sha256(doomed));
+    else expect(present, `${label}: 'doomed' is deleted only after the save finished`).toBe(true);
     const img = await openImage(path, { readOnly: true });
     const ours = img.snapshots().map((s) => s.name);
     await img.close();
     expect(ours, label).toEqual(listed.map((s) => s.name));
-    const present = listed.length === 3;
     if (present) {
       // Present means complete: the right size, every byte, and a disk state equal to the active one.
-      expect(listed[2], label).toMatchObject({ name: 'new', id: '3', vmStateSize: VMSTATE_BYTES });
+      const newId = String(Number(snapshotsBefore[snapshotsBefore.length - 1]!.id) + 1);
+      expect(listed[listed.length - 1], label).toMatchObject({ name: 'new', id: newId, vmStateSize: VMSTATE_BYTES });
       expect(sha256(await exportVmState(path, 'new')), label).toBe(vmstateSha);
       await readSnapshotDisk(path, 'new', ACTIVE_READS);
-    } else {
-      expect(listed, label).toHaveLength(2);
     }
-    return { present, check: outcome };
+    return { present, doomedPresent, check: outcome };
+  }
+
+  /** After the next write-open: no sample of a vmstate the image no longer holds is left in the file. */
+  async function verifyNoRemanence(path: string, label: string, gone: Buffer[]): Promise<void> {
+    const bytes = await readFile(path);
+    for (const data of gone) {
+      const left = samplesOf(data).filter((sample) => bytes.includes(sample)).length;
+      expect(left, `${label}: samples of a vmstate that is not in the image`).toBe(0);
+    }
   }
 
   /** A save after the crash works, and leaves no corruption at all (it recomputes COPIED). */
@@ -258,6 +307,9 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
     inData: number;
     inCommit: number;
     afterFinish: number;
+    inDelete: number;
+    afterDelete: number;
+    doomedGone: number;
     present: number;
     presentAfterCommitKill: number;
     leakyTrials: number;
@@ -271,14 +323,24 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
     await copyFile(template, path);
     const res = await runSaver(dist, path, plan);
     if (res.finishedMs !== undefined) commitsMs.push(res.finishedMs - (res.dataDoneMs as number));
-    const phase = res.markers.includes('finished') ? 'afterFinish' : res.markers.includes('data-done') ? 'inCommit' : 'inData';
+    const phase = res.markers.includes('deleted')
+      ? 'afterDelete'
+      : res.markers.includes('deleting')
+        ? 'inDelete'
+        : res.markers.includes('finished')
+          ? 'afterFinish'
+          : res.markers.includes('data-done')
+            ? 'inCommit'
+            : 'inData';
     const label = `trial ${index} (CRASH_SEED=${SEED}): kill ${plan.delayMs.toFixed(1)} ms after ${plan.after}, landed ${phase}`;
-    const { present, check: seen } = await verifyAfterKill(path, label).catch(async (err: unknown) => {
+    const { present, doomedPresent, check: seen } = await verifyAfterKill(path, label).catch(async (err: unknown) => {
       throw await keepForInspection(path, index, err);
     });
     if (phase === 'inData') expect(present, `${label}: no snapshot before its vmstate is written`).toBe(false);
-    if (phase === 'afterFinish') expect(present, `${label}: 'finish' means committed`).toBe(true);
+    if (phase !== 'inData' && phase !== 'inCommit') expect(present, `${label}: 'finish' means committed`).toBe(true);
+    if (phase === 'afterDelete') expect(doomedPresent, `${label}: 'deleted' means gone`).toBe(false);
     tally[phase]++;
+    if (!doomedPresent) tally.doomedGone++;
     if (present) tally.present++;
     if (present && phase === 'inCommit') tally.presentAfterCommitKill++;
     if (seen.leaks > 0) tally.leakyTrials++;
@@ -286,6 +348,9 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
     if (seen.copiedMismatches > 0) tally.copiedTrials++;
     tally.copiedMismatches += seen.copiedMismatches;
     await verifyFreshSave(path, label);
+    await verifyNoRemanence(path, label, [...(doomedPresent ? [] : [doomed]), ...(present ? [] : [vmstate])]).catch(async (err: unknown) => {
+      throw await keepForInspection(path, index, err);
+    });
     await rm(path, { force: true });
   }
 
@@ -300,24 +365,31 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
         const path = join(dir.path, `calibrate-${i}.qcow2`);
         await copyFile(template, path);
         const res = await runSaver(dist, path, undefined);
-        expect(res.markers).toEqual(['ready', 'data-done', 'finished']);
+        expect(res.markers).toEqual(['ready', 'data-done', 'finished', 'deleting', 'deleted']);
         expect((await verifyAfterKill(path, `calibration ${i}`)).present).toBe(true);
         runs.push(res);
       }
       const median = (values: number[]): number => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)] as number;
       const dataMs = median(runs.map((r) => r.dataDoneMs as number));
       const commitsMs = runs.map((r) => (r.finishedMs as number) - (r.dataDoneMs as number));
+      const deleteMs = median(runs.map((r) => (r.deletedMs as number) - (r.deletingMs as number)));
 
       const rng = scheduleRng(SEED);
       const fractions = Array.from({ length: TRIALS }, () => rng());
-      const planFor = (i: number): NonNullable<KillPlan> =>
-        i % 2 === 0
-          ? { after: 'ready', delayMs: (fractions[i] as number) * dataMs }
-          : { after: 'data-done', delayMs: Math.sqrt(fractions[i] as number) * median(commitsMs) * COMMIT_WINDOW_FACTOR };
+      const planFor = (i: number): NonNullable<KillPlan> => {
+        const u = fractions[i] as number;
+        if (i % 3 === 0) return { after: 'ready', delayMs: u * dataMs };
+        if (i % 3 === 1) return { after: 'data-done', delayMs: Math.sqrt(u) * median(commitsMs) * COMMIT_WINDOW_FACTOR };
+        // The delete: its metadata, the commit point, then the discard of the doomed vmstate at its end.
+        return { after: 'deleting', delayMs: Math.sqrt(u) * deleteMs * COMMIT_WINDOW_FACTOR };
+      };
       const tally: Tally = {
         inData: 0,
         inCommit: 0,
         afterFinish: 0,
+        inDelete: 0,
+        afterDelete: 0,
+        doomedGone: 0,
         present: 0,
         presentAfterCommitKill: 0,
         leakyTrials: 0,
@@ -335,14 +407,17 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
       await Promise.all(Array.from({ length: LANES }, lane));
       console.log(
         `[crash-kill] CRASH_SEED=${SEED}: ${TRIALS} trials; killed in data ${tally.inData}, in commit ${tally.inCommit} ` +
-          `(new snapshot present after ${tally.presentAfterCommitKill} of those), after finish ${tally.afterFinish}; ` +
+          `(new snapshot present after ${tally.presentAfterCommitKill} of those), after finish ${tally.afterFinish}, ` +
+          `in the delete ${tally.inDelete}, after it ${tally.afterDelete} ('doomed' gone after ${tally.doomedGone}); ` +
           `snapshot present after kill ${tally.present}; leaks in ${tally.leakyTrials} trials ` +
           `(${tally.leakedClusters} clusters); OFLAG_COPIED mismatches in ${tally.copiedTrials} trials ` +
-          `(${tally.copiedMismatches} entries); median data phase ${dataMs.toFixed(0)} ms, median commit ${median(commitsMs).toFixed(0)} ms`,
+          `(${tally.copiedMismatches} entries); median data phase ${dataMs.toFixed(0)} ms, median commit ${median(commitsMs).toFixed(0)} ms, ` +
+          `median delete ${deleteMs.toFixed(0)} ms`,
       );
-      expect(tally.inData + tally.inCommit + tally.afterFinish).toBe(TRIALS);
+      expect(tally.inData + tally.inCommit + tally.afterFinish + tally.inDelete + tally.afterDelete).toBe(TRIALS);
       // Enough kills must land where metadata is written for the test to mean something.
-      expect(tally.inCommit, 'kills that interrupted the commit').toBeGreaterThanOrEqual(Math.floor(TRIALS / 4));
+      expect(tally.inCommit, 'kills that interrupted the commit').toBeGreaterThanOrEqual(Math.floor(TRIALS / 6));
+      expect(tally.inDelete, 'kills that interrupted the delete').toBeGreaterThanOrEqual(Math.floor(TRIALS / 6));
     },
     60_000 + TRIALS * 5_000,
   );

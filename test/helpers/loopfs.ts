@@ -139,6 +139,31 @@ async function unmount(mountDir: string): Promise<void> {
   }
 }
 
+/**
+ * A bare loop block device over a sparse file of `sizeBytes` (no filesystem):
+ * runs `fn(devicePath, backingPath)`, then detaches it and deletes the file.
+ * The backing file shows what reached the "disk" under the device.
+ */
+export async function withLoopDevice<T>(
+  options: { sizeBytes: number },
+  fn: (device: string, backing: string) => Promise<T>,
+): Promise<T | Skipped> {
+  const skip = loopFsSkipReason('ext4');
+  if (skip !== undefined) return new Skipped(skip);
+  const dir = await tmpDir('loopdev');
+  const backing = join(dir.path, 'backing.img');
+  let device: string | undefined;
+  try {
+    await (await open(backing, 'w')).close();
+    await truncate(backing, options.sizeBytes);
+    device = (await runOk('losetup', ['--find', '--show', backing])).stdout.trim();
+    return await fn(device, backing);
+  } finally {
+    if (device !== undefined) await runOk('losetup', ['-d', device]).catch(() => undefined);
+    await dir.cleanup();
+  }
+}
+
 /** Mounts a fresh ramfs (no O_DIRECT, no size limit: keep writes small), runs `fn`, unmounts. */
 export async function withRamfs<T>(fn: (dir: string) => Promise<T>): Promise<T | Skipped> {
   const skip = ramfsSkipReason();

@@ -19,7 +19,22 @@ export function jsonSafe(value: unknown): unknown {
   return value;
 }
 
+/** The space lines: what the file holds against what the image uses. */
+function spaceLines(result: CheckResult): string {
+  const s = result.space;
+  if (s === undefined) return '';
+  const pastEnd = s.pastEndBytes > 0 ? `; ${s.pastEndBytes} bytes past the image end, unreferenced${s.pastEndDataBytes === undefined ? '' : ` (${s.pastEndDataBytes} holding data)`}` : '';
+  return (
+    `Space: file length ${s.fileLengthBytes} bytes, ${s.allocatedBytes} allocated on disk, image end ${result.imageEndOffset}.\n` +
+    `Free clusters: ${s.freeBytes} bytes (${s.freeDataBytes} still holding data, not discarded)${pastEnd}.\n`
+  );
+}
+
 function summary(image: string, result: CheckResult): string {
+  return verdict(image, result) + spaceLines(result);
+}
+
+function verdict(image: string, result: CheckResult): string {
   const corruptions = Number(result.corruptions);
   const leaks = Number(result.leaks);
   const checkErrors = Number(result.checkErrors ?? 0);
