@@ -343,7 +343,7 @@ export function createVmStateReadStream(
 ): VmStateReadStream {
   refuseListOnly(state, 'an export');
   if (entry.vmStateSize === 0) {
-    throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot ${entry.id} '${entry.name}' is disk-only: it has no saved VM state`, {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot '${entry.name}' (id ${entry.id}) of '${state.file.path}' is disk-only: it has no saved VM state to export`, {
       path: state.file.path,
     });
   }
