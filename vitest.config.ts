@@ -12,6 +12,7 @@ const SERIAL = [
   'test/reliability/concurrency.test.ts',
   'test/reliability/concurrent-savers.test.ts',
   'test/qcow2/save-many.test.ts',
+  'test/vm/live-timing.test.ts',
 ];
 
 export default defineConfig({

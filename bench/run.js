@@ -25,6 +25,7 @@ import { formatBytes, median, MiB } from './lib/stats.js';
 import { renderSvg } from './lib/svg.js';
 import { createWorkload, PAIR_BYTES, workloadOfSize } from './lib/workload.js';
 import { TARGETS } from './targets.js';
+import { runLiveBench } from './live.js';
 import { runVmBench } from './vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
@@ -46,6 +47,7 @@ async function main() {
   if (opts.throughput) await runThroughput(opts);
   if (opts.hotPath) runHotPath(opts);
   if (opts.vm) await runVmBench({ reps: opts.vmReps });
+  if (opts.vm) await runLiveBench({ reps: opts.vmReps });
 }
 
 function selectCases(opts) {

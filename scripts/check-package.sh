@@ -12,8 +12,9 @@
 #     a sha256 of the input and qemu-img);
 #  6. installed with --ignore-scripts, the prebuild still loads; the arm64
 #     prebuild runs the ESM check under qemu-aarch64 with Debian's arm64 Node;
-#  7. the fallback: the same tarball without prebuilds/ installs by compiling
-#     from source when compilers are there, and fails loudly when they are not.
+#  7. the fallback, where no prebuild fits (none for this platform, or one that
+#     does not load): the install compiles from source when compilers are
+#     there, and fails loudly when they are not.
 #
 # Usage: scripts/check-package.sh   (needs network access to the npm registry
 # for the package's dependencies and Debian's arm64 nodejs, qemu-img, and
@@ -120,23 +121,35 @@ if [ -d "$project4/node_modules/snapstream/prebuilds/linux-arm64" ] && [ "$(node
   say "arm64: the prebuild ran the ESM check in $("${arm64_node[@]}" -p '`node ${process.version} ${process.arch}`') under qemu-aarch64"
 fi
 
-# 7. No matching prebuild: compile at install when possible, else fail loudly.
-rm -rf "$work/unpacked/package/prebuilds"
-bare="$work/snapstream-no-prebuilds.tgz"
-tar -czf "$bare" -C "$work/unpacked" package
+# 7. No prebuild fits: compile at install when possible, else fail loudly.
+# Two repacked tarballs: one without this machine's platform folder (another
+# architecture, musl), one whose prebuild for this machine does not load (an
+# older glibc or libstdc++), which node-gyp-build's install-time load test catches.
+host_tuple="linux-$(node -p process.arch)"
+repack() { # NAME: the unpacked package with its prebuilds as they are now
+  tar -czf "$work/$1.tgz" -C "$work/unpacked" package
+  echo "$work/$1.tgz"
+}
+rm -rf "$work/unpacked/package/prebuilds/$host_tuple"
+no_match="$(repack snapstream-no-matching-prebuild)"
+mkdir "$work/unpacked/package/prebuilds/$host_tuple"
+echo 'not an ELF file' >"$work/unpacked/package/prebuilds/$host_tuple/snapstream.napi.glibc.node"
+no_load="$(repack snapstream-prebuild-does-not-load)"
+
 project2="$work/project-no-prebuild-no-compiler"
 new_project "$project2"
-if (cd "$project2" && PATH="$masked_path" npm install "${npm_quiet[@]}" "$bare" >"$work/fail.log" 2>&1); then
-  fail "an install with no prebuild and no compiler succeeded"
+if (cd "$project2" && PATH="$masked_path" npm install "${npm_quiet[@]}" "$no_match" >"$work/fail.log" 2>&1); then
+  fail "an install with no matching prebuild and no compiler succeeded"
 fi
-[ -e "$shims/calls.log" ] || { cat "$work/fail.log" >&2; fail "the install without a prebuild failed without trying to compile"; }
-say "no prebuild, no compiler: the install tried to compile ($(cut -d' ' -f1 "$shims/calls.log" | sort -u | tr '\n' ' ')) and failed: $(grep -m1 -oE 'gyp ERR! stack Error: .*' "$work/fail.log" || tail -n1 "$work/fail.log")"
+[ -e "$shims/calls.log" ] || { cat "$work/fail.log" >&2; fail "the install without a matching prebuild failed without trying to compile"; }
+say "no matching prebuild, no compiler: the install tried to compile ($(cut -d' ' -f1 "$shims/calls.log" | sort -u | tr '\n' ' ')) and failed: $(grep -m1 -oE 'gyp ERR! stack Error: .*' "$work/fail.log" || tail -n1 "$work/fail.log")"
 rm -f "$shims/calls.log"
+
 project3="$work/project-from-source"
 new_project "$project3"
-(cd "$project3" && npm install "${npm_quiet[@]}" "$bare" >"$work/source.log" 2>&1) || { cat "$work/source.log" >&2; fail "install compiling from source"; }
-[ -e "$project3/node_modules/snapstream/build/Release/snapstream.node" ] || fail "the source install left no build/Release addon"
+(cd "$project3" && npm install "${npm_quiet[@]}" "$no_load" >"$work/source.log" 2>&1) || { cat "$work/source.log" >&2; fail "install compiling from source"; }
+[ -e "$project3/node_modules/snapstream/build/Release/snapstream.node" ] || fail "the install did not compile the addon in place of the prebuild that does not load"
 (cd "$project3" && node -e 'import("snapstream").then((m) => { if (typeof m.createSnapshotStream !== "function") process.exit(1); })') \
   || fail "the package compiled from source does not load"
-say "no prebuild, compilers present: compiled from source at install, loads"
+say "prebuild that does not load, compilers present: compiled from source at install, loads"
 say "ok"

@@ -7,6 +7,10 @@
 # One Node-API binary serves every Node version; node-gyp-build picks it at
 # install and at load time when it matches the machine, else the install
 # compiles from source with node-gyp.
+# package.json's install script: where prebuilds/ exists (the packed package)
+# it runs node-gyp-build (keep a prebuild that loads, else compile); where it
+# does not (a clone) it runs `node-gyp rebuild`, so `npm ci` always compiles
+# the checkout's own sources and never keeps a stale build/Release.
 #
 # The build runs in a private copy so the developer's build/Release (which
 # node-gyp-build prefers) is left alone. The binary is built against the

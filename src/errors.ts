@@ -67,6 +67,8 @@ export const ErrorCode = {
   SAME_FILE: 'SAME_FILE',
   SNAPSHOT_EXISTS: 'SNAPSHOT_EXISTS',
   SNAPSHOT_NOT_FOUND: 'SNAPSHOT_NOT_FOUND',
+  /** The snapshot is being read (an export stream is open on it): it cannot be deleted until the reads end. */
+  SNAPSHOT_IN_USE: 'SNAPSHOT_IN_USE',
   /** QEMU's limits on the number of snapshots or the snapshot table size. */
   SNAPSHOT_LIMIT: 'SNAPSHOT_LIMIT',
   /** A save ended with no vmstate bytes: QEMU would read it as a disk-only snapshot. */

@@ -19,10 +19,11 @@ import { qcow2SinkFactory } from './qcow2/image.js';
 import { rawSinkFactory } from './stream/raw-sink.js';
 import { SnapshotStream } from './stream/snapshot-stream.js';
 import { validateStreamOptions, type StreamOptions } from './options.js';
-import { validatePath } from './validate.js';
+import { validatePath, type PathLike } from './validate.js';
 
 export { SnapshotError, ErrorCode, isSnapshotError } from './errors.js';
 export type { StreamOptions } from './options.js';
+export type { PathLike } from './validate.js';
 export type { ProgressEvent } from './stream/snapshot-stream.js';
 export { SnapshotStream } from './stream/snapshot-stream.js';
 export { openImage, Image } from './qcow2/image.js';
@@ -42,7 +43,7 @@ export type { CreateImageOptions, Preallocation } from './qcow2/create.js';
  * qcow2 image at `path`. 'finish' means every byte is durable (and, for a
  * snapshot, committed).
  */
-export function createSnapshotStream(path: string, options?: StreamOptions): SnapshotStream {
+export function createSnapshotStream(path: PathLike, options?: StreamOptions): SnapshotStream {
   const target = validatePath(path, 'path');
   const opts = validateStreamOptions(options);
   const sink = opts.snapshot !== undefined ? qcow2SinkFactory(target, opts.snapshot, opts) : rawSinkFactory(target, opts);

@@ -8,6 +8,7 @@
  * layer. The option *schemas* live with the layer that owns the options
  * (src/options.ts for the top-level stream, src/qcow2 for images).
  */
+import { fileURLToPath } from 'node:url';
 
 /**
  * QEMU keeps snapshot names in a 256-byte C string (QEMUSnapshotInfo.name):
@@ -97,11 +98,24 @@ export function validateFunction<F extends (...args: never[]) => unknown>(value:
   return value as F;
 }
 
+/** A path as `fs` takes it: a string, a Buffer of UTF-8 bytes, or a file: URL. */
+export type PathLike = string | Buffer | URL;
+
+/** A path as `fs` takes it, returned as the string the addon opens. */
 export function validatePath(value: unknown, name: string): string {
-  if (typeof value !== 'string' || value.length === 0 || value.includes('\0')) {
-    throw new TypeError(`Expected a non-empty path without NUL bytes for ${name}, received ${describe(value)}`);
+  let path = value;
+  if (value instanceof URL) {
+    if (value.protocol !== 'file:') throw new TypeError(`Expected a file: URL for ${name}, received ${value.href}`);
+    path = fileURLToPath(value);
+  } else if (Buffer.isBuffer(value)) {
+    path = value.toString('utf8');
+    // The addon opens a string: bytes that are not UTF-8 would name another file.
+    if (!Buffer.from(path as string, 'utf8').equals(value)) throw new TypeError(`Expected a UTF-8 path for ${name}, received a Buffer that is not`);
   }
-  return value;
+  if (typeof path !== 'string' || path.length === 0 || path.includes('\0')) {
+    throw new TypeError(`Expected a non-empty path (string, Buffer or file: URL) without NUL bytes for ${name}, received ${describe(value)}`);
+  }
+  return path;
 }
 
 /** A name for a new snapshot: QEMU's rule (non-empty, no NUL, at most 255 UTF-8 bytes). */

@@ -7,9 +7,10 @@ import { createSnapshotStream } from '../../dist/index.js';
 import { DEFAULT_BUFFER_SIZE, DEFAULT_BUFFERS } from '../../dist/options.js';
 import { pumpPages } from '../lib/pump.js';
 import { startRssSampler } from '../lib/rss.js';
+import { withThreads } from '../lib/threads.js';
 
-
-export function snapshotStreamCase({ id, label, buffers, bufferSize }) {
+/** `threads`: force the target's native threads (bench/lib/threads.js), for the old configuration. */
+export function snapshotStreamCase({ id, label, buffers, bufferSize, threads }) {
   const options = { direct: true };
   if (buffers !== undefined) options.buffers = buffers;
   if (bufferSize !== undefined) options.bufferSize = bufferSize;
@@ -24,7 +25,8 @@ export function snapshotStreamCase({ id, label, buffers, bufferSize }) {
       const rss = startRssSampler();
       const out = createSnapshotStream(ctx.path, options);
       out.on('progress', rss.sample);
-      await pumpPages(out, ctx.workload, rss.sample);
+      const pump = () => pumpPages(out, ctx.workload, rss.sample);
+      await (threads === undefined ? pump() : withThreads(threads, pump));
       const mem = rss.stop();
       if (out.direct !== true) throw new Error(`(${id}) expected O_DIRECT in effect, got direct=${out.direct}`);
       return {

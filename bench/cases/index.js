@@ -29,12 +29,12 @@ import c from './c-qemu-iovmax.js';
 import d from './d-write-stream.js';
 import e from './e-ring-no-overlap.js';
 import f from './f-snapshot-stream.js';
-import f2 from './f2-snapshot-stream-deep.js';
+import f2, { oldDefaults as f0 } from './f2-snapshot-stream-deep.js';
 import { fioCases } from './fio-device.js';
 import { deviceReadCases, deviceWriteCases } from './g-device.js';
 import q, { qcow2Preallocated as qp } from './q-qcow2-save.js';
 import r, { rawPreallocated as rp } from './r-raw-prealloc.js';
 import { fileToQcow2 as sf, socketAlone as sn, socketToQcow2 as s } from './s-socket-source.js';
-import x from './x-vmstate-export.js';
+import x, { exportBefore as x0 } from './x-vmstate-export.js';
 
-export const CASES = [a, b, c, d, e, f, f2, r, rp, q, qp, s, sf, sn, x, ...deviceWriteCases, ...deviceReadCases, ...fioCases];
+export const CASES = [a, b, c, d, e, f0, f, f2, r, rp, q, qp, s, sf, sn, x0, x, ...deviceWriteCases, ...deviceReadCases, ...fioCases];

@@ -1,11 +1,12 @@
 /**
  * (x) Export: 1 GiB of vmstate read back from a qcow2 internal snapshot,
+ * (x0) the same as it read before issue 12 (one native thread, zeroed chunks),
  * img.createVmStateReadStream(name) with its defaults (4 MiB chunks, 2 read
  * ahead) and O_DIRECT required, into a Writable that discards every chunk.
  * Compared with the device read reference of the same run (the best of the
  * rd* and fio-r* cells).
  *
- * The image is written once, untimed, in prepare (the page stream saved by
+ * The image is written once, untimed, in the first prepare (the page stream saved by
  * createSnapshotStream with O_DIRECT), so no page of it is in the page cache,
  * and the reads themselves are O_DIRECT: the cache cannot flatter the figure.
  * It lives in the runner's scratch directory, which the runner deletes.
@@ -17,6 +18,8 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createImage, createSnapshotStream, openImage } from '../../dist/index.js';
 import { pumpPages } from '../lib/pump.js';
+import { TargetFile } from '../../dist/io/target-file.js';
+import { withThreads } from '../lib/threads.js';
 
 /** bench/run.js's TMP_DIR: scratch on the work disk, removed at the end of the run. */
 const SCRATCH_DIR = join(dirname(dirname(fileURLToPath(import.meta.url))), '.tmp', String(process.pid));
@@ -24,38 +27,70 @@ const SNAPSHOT = 'bench-export';
 /** 1 GiB disk: the vmstate area starts right after it. */
 const DISK_BYTES = 1 << 30;
 
-export default {
-  id: 'x',
-  label: 'qcow2 export: createVmStateReadStream (O_DIRECT, 2 x 4 MiB read-ahead)',
-  kind: 'read',
-  sizeClass: 'fast',
-  verifiable: false,
-  container: true,
-  async prepare(ctx) {
-    mkdirSync(SCRATCH_DIR, { recursive: true });
-    const image = join(SCRATCH_DIR, 'x-source.qcow2');
-    await createImage(image, { size: DISK_BYTES, overwrite: true });
-    const out = createSnapshotStream(image, { snapshot: SNAPSHOT, direct: true });
-    await pumpPages(out, ctx.workload);
-    return { image, bytes: out.bytesWritten };
-  },
-  async run(ctx, { image, bytes }) {
-    const img = await openImage(image, { readOnly: true });
-    try {
-      const source = img.createVmStateReadStream(SNAPSHOT, { direct: true });
-      let read = 0;
-      const discard = new Writable({
-        write(chunk, _encoding, callback) {
-          read += chunk.length;
-          callback();
-        },
-      });
-      await pipeline(source, discard);
-      if (source.direct !== true) throw new Error(`(x) expected O_DIRECT in effect, got direct=${source.direct}`);
-      if (read !== bytes) throw new Error(`(x) exported ${read} bytes, the snapshot holds ${bytes}`);
+/** Made once per run: the image every export case reads (the first prepare writes it). */
+let source;
+
+/**
+ * `before`: the export as it was before issue 12: one native thread
+ * (bench/lib/threads.js) and every chunk zeroed at allocation.
+ */
+function exportCase({ id, label, before }) {
+  return {
+    id,
+    label,
+    kind: 'read',
+    sizeClass: 'fast',
+    verifiable: false,
+    container: true,
+    async prepare(ctx) {
+      source ??= writeSource(ctx.workload);
+      return source;
+    },
+    async run(_ctx, { image, bytes }) {
+      const read = await (before ? asBefore(() => exportOnce(image)) : exportOnce(image));
+      if (read !== bytes) throw new Error(`(${id}) exported ${read} bytes, the snapshot holds ${bytes}`);
       return { bytes: read };
-    } finally {
-      await img.close();
-    }
-  },
-};
+    },
+  };
+}
+
+async function asBefore(fn) {
+  const uninitialized = TargetFile.prototype.allocBufferUninitialized;
+  TargetFile.prototype.allocBufferUninitialized = TargetFile.prototype.allocBuffer;
+  try {
+    return await withThreads(1, fn);
+  } finally {
+    TargetFile.prototype.allocBufferUninitialized = uninitialized;
+  }
+}
+
+async function writeSource(workload) {
+  mkdirSync(SCRATCH_DIR, { recursive: true });
+  const image = join(SCRATCH_DIR, 'x-source.qcow2');
+  await createImage(image, { size: DISK_BYTES, overwrite: true });
+  const out = createSnapshotStream(image, { snapshot: SNAPSHOT, direct: true });
+  await pumpPages(out, workload);
+  return { image, bytes: out.bytesWritten };
+}
+
+async function exportOnce(image) {
+  const img = await openImage(image, { readOnly: true });
+  try {
+    const stream = img.createVmStateReadStream(SNAPSHOT, { direct: true });
+    let read = 0;
+    const discard = new Writable({
+      write(chunk, _encoding, callback) {
+        read += chunk.length;
+        callback();
+      },
+    });
+    await pipeline(stream, discard);
+    if (stream.direct !== true) throw new Error(`expected O_DIRECT in effect, got direct=${stream.direct}`);
+    return read;
+  } finally {
+    await img.close();
+  }
+}
+
+export const exportBefore = exportCase({ id: 'x0', label: 'qcow2 export before: 1 read at a time, zeroed chunks', before: true });
+export default exportCase({ id: 'x', label: 'qcow2 export: createVmStateReadStream defaults (O_DIRECT)' });

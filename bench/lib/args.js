@@ -10,7 +10,7 @@ export const USAGE = `usage: node bench/run.js [options]
   --verify           check every output file byte for byte against the stream
   --no-hot-path      skip the benny suite (bench/hot-path.js)
   --hot-path-only    run only the benny suite
-  --no-vm            skip the savevm/loadvm case (bench/vm.js: QEMU, 1 GiB guest)
+  --no-vm            skip the savevm/loadvm cases (bench/vm.js: QEMU, 1 GiB guest; bench/live.js: live savevm, 1 and 4 GiB)
   --vm-only          run only the savevm/loadvm case
   --vm-reps N        repetitions of the savevm/loadvm case (default 3)`;
 

@@ -6,9 +6,7 @@
  *   1  the operation failed (I/O, a locked image, a missing snapshot, ...)
  *   2  usage: unknown command or option, missing argument, bad size or value
  */
-import { readFileSync } from 'node:fs';
 import { ErrorCode, isSnapshotError } from '../index.js';
-import { describeHolder, findLockHolders, type LockHolder } from './lock-holder.js';
 
 export const ExitCode = { OK: 0, FAILURE: 1, USAGE: 2 } as const;
 export type ExitCode = (typeof ExitCode)[keyof typeof ExitCode];
@@ -50,38 +48,22 @@ export function toCliWords(message: string): string {
     .replace(/\{ ?(\w+) ?\}/g, '--$1');
 }
 
-/** Who holds the image: the pid the message names, else a look through /proc. */
-function lockHint(message: string, image: string | undefined): string {
-  const named = /process (\d+)/.exec(message)?.[1];
-  const holders: LockHolder[] =
-    named !== undefined ? [{ pid: Number(named), comm: readComm(Number(named)) }] : image === undefined ? [] : findLockHolders(image);
-  const advice = "stop it first, or save a running VM's state to a raw volume with 'snapstream write'";
-  const first = holders[0];
-  if (first === undefined) return `a QEMU or another snapstream has the image open; ${advice}`;
-  return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: ${advice}`;
+/** The library's message names the holder where it can be found; the hint says what to do. */
+function lockHint(message: string): string {
+  if (message.includes('this process')) return 'close the other Image or stream of this image first';
+  return "stop it first, or save a running VM's state to a raw volume with 'snapstream write'";
 }
 
-/** Who writes a raw target: OFD locks carry no pid in F_OFD_GETLK, so look through /proc/locks. */
-function targetLockHint(message: string): string {
-  const path = /'([^']+)'/.exec(message)?.[1];
-  const first = path === undefined ? undefined : findLockHolders(path)[0];
-  if (first === undefined) return 'another writer has it open; wait for it to finish';
-  return `held by ${first.comm} (pid ${first.pid}), ${describeHolder(first.comm)}: wait for it to finish`;
-}
-
-function readComm(pid: number): string {
-  try {
-    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
-  } catch {
-    return '?';
-  }
+/** The library's TARGET_LOCKED message names the writer where /proc tells it. */
+function targetLockHint(): string {
+  return 'another writer has it open; wait for it to finish';
 }
 
 function hintFor(code: string, message: string, context: ErrorContext): string | undefined {
   const image = context.image ?? 'IMAGE';
   switch (code) {
     case ErrorCode.IMAGE_LOCKED:
-      return lockHint(message, context.image);
+      return lockHint(message);
     case ErrorCode.DIRECT_IO_UNSUPPORTED:
       return `this filesystem refuses O_DIRECT; try --direct=auto (uses the page cache there)`;
     case ErrorCode.SNAPSHOT_NOT_FOUND:
@@ -97,7 +79,7 @@ function hintFor(code: string, message: string, context: ErrorContext): string |
     case ErrorCode.SAME_FILE:
       return 'a stream cannot read its own output; copy the source elsewhere first';
     case ErrorCode.TARGET_LOCKED:
-      return targetLockHint(message);
+      return targetLockHint();
     case ErrorCode.SNAPSHOT_DISK_ONLY:
       return `a disk-only snapshot (qemu-img snapshot -c) has no vmstate; list them with: snapstream list ${image}`;
     case ErrorCode.QCOW2_CORRUPT:

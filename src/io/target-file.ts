@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { ErrorCode, SnapshotError, errnoError } from '../errors.js';
 import { addon, type Completion, type LockFacts, type NativeFileHandle, type OpenFacts, type StatFacts } from './native.js';
-import { allocAligned, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason } from './alignment.js';
+import { allocAligned, allocAlignedUninitialized, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason } from './alignment.js';
 
 export type DirectMode = boolean | 'auto';
 export type LockKind = 'read' | 'write' | 'unlock';
@@ -166,6 +166,11 @@ export class TargetFile {
   /** A zeroed buffer aligned for this file's direct I/O. */
   allocBuffer(length: number): Uint8Array {
     return allocAligned(length, Math.max(this.memoryAlignment, this.alignment, 1));
+  }
+
+  /** An aligned buffer whose bytes are not initialised: the caller overwrites all of them. */
+  allocBufferUninitialized(length: number): Uint8Array {
+    return allocAlignedUninitialized(length, Math.max(this.memoryAlignment, this.alignment, 1));
   }
 
   /** Writes all of `buffer` at `position`, or rejects with a coded error. */

@@ -11,7 +11,7 @@ import { L1Table, L2Table, compressedClusterSpan, QCOW_MAX_L1_SIZE_BYTES } from 
 import { corrupt, unsupported } from './fail.js';
 import { bitmapReferences } from './bitmaps.js';
 import { readPadded, type RefcountStore } from './refcount.js';
-import { loadRefcounts, type ImageState } from './image-state.js';
+import { loadRefcounts, refuseListOnly, type ImageState } from './image-state.js';
 import { isIncompleteV3Entry } from './snapshot-table.js';
 import { ErrorCode, isSnapshotError } from '../errors.js';
 
@@ -228,6 +228,7 @@ async function checkCopied(checker: Checker, state: ImageState, rc: RefcountStor
  * and then allocates with one store); the check only reads them.
  */
 export async function checkImage(state: ImageState, loaded?: RefcountStore): Promise<CheckResult> {
+  refuseListOnly(state, 'a check');
   const checker = new Checker(state);
   const { header, layout } = state;
   let rc: RefcountStore;

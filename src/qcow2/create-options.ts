@@ -46,6 +46,13 @@ export interface CreateImageOptions {
   onProgress?: (progress: CreateProgress) => void;
   /** Bytes per fallocate call ('falloc') or per progress step ('full'). Default 1 GiB / 8 MiB. */
   chunkBytes?: number;
+  /**
+   * Permission bits of the new file, before the umask. Default 0o644, as
+   * qemu-img creates images: a new image holds no VM memory. A vmstate saved
+   * into it later does not change the mode; vmstate files snapstream creates
+   * itself (raw targets) are 0o600.
+   */
+  mode?: number;
 }
 
 const CREATE_OPTION_KEYS = [
@@ -61,6 +68,7 @@ const CREATE_OPTION_KEYS = [
   'signal',
   'onProgress',
   'chunkBytes',
+  'mode',
 ] as const;
 
 export interface ResolvedCreateOptions {
@@ -75,8 +83,11 @@ export interface ResolvedCreateOptions {
   signal: AbortSignal | undefined;
   onProgress: ((progress: CreateProgress) => void) | undefined;
   chunkBytes: number | undefined;
+  mode: number;
 }
 
+/** qemu-img's mode for a new image (0644, then the umask): an image without vmstate needs no more secrecy than the disk. */
+const DEFAULT_IMAGE_MODE = 0o644;
 const SECTOR_BYTES = 512;
 const REFCOUNT_WIDTHS = [1, 2, 4, 8, 16, 32, 64];
 const PREALLOCATIONS: readonly Preallocation[] = ['off', 'metadata', 'falloc', 'full'];
@@ -136,5 +147,6 @@ export function validateCreateOptions(options: unknown): ResolvedCreateOptions {
     signal: validateSignal(o.signal, 'options.signal'),
     onProgress: validateFunction<(progress: CreateProgress) => void>(o.onProgress, 'options.onProgress'),
     chunkBytes,
+    mode: validateInteger(o.mode ?? DEFAULT_IMAGE_MODE, 'options.mode', 0, 0o7777),
   };
 }

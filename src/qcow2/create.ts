@@ -17,7 +17,7 @@ import { unlink } from 'node:fs/promises';
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
-import { validatePath } from '../validate.js';
+import { validatePath, type PathLike } from '../validate.js';
 import { L1Table, L2Table } from './cluster-map.js';
 import { invariant } from './fail.js';
 import {
@@ -110,7 +110,7 @@ function buildHeader(o: ResolvedCreateOptions, plan: ImagePlan): Qcow2Header {
  * A failed or aborted create removes the file; the promise rejects with the
  * cause (ABORTED for an abort).
  */
-export function createImage(path: string, options: CreateImageOptions): Promise<void> {
+export function createImage(path: PathLike, options: CreateImageOptions): Promise<void> {
   const target = validatePath(path, 'path');
   const o = validateCreateOptions(options);
   const plan = planImage(o.sizeBytes, o.layout, o.preallocation);
@@ -132,7 +132,7 @@ async function writeImage(path: string, o: ResolvedCreateOptions, plan: ImagePla
     exclusive: !o.overwrite,
     truncate: o.overwrite,
     direct: false,
-    mode: 0o600, // VM disks hold guest data
+    mode: o.mode,
   });
   try {
     const progress = new Progress(o, plan);

@@ -111,19 +111,7 @@ export class HandoffSave {
    * writes are complete and durable, so the cache holds none of these pages.
    */
   async editTail(length: number, tailBytes: number, edit: (tail: Buffer) => boolean): Promise<void> {
-    const bytes = Math.min(length, tailBytes);
-    if (bytes === 0) return;
-    const start = this.baseOffset + length - bytes;
-    const file = await TargetFile.open(this.path, { write: true, create: false, direct: false });
-    try {
-      const tail = await readExact(file, start, bytes, 'vmstate tail');
-      if (!edit(tail)) return;
-      await file.write(tail, start);
-      // fdatasync: the edited vmstate is durable before the commit makes it a snapshot.
-      await file.datasync();
-    } finally {
-      await file.close();
-    }
+    await editVmStateTail(this.path, this.baseOffset, length, tailBytes, edit);
   }
 
   /**
@@ -141,6 +129,29 @@ export class HandoffSave {
   /** Closes the data descriptor. The clusters written stay unreferenced past the end; the next save reuses them. */
   async close(): Promise<void> {
     await this._data.close();
+  }
+}
+
+/**
+ * Lets `edit` change the last `tailBytes` of a vmstate of `length` bytes
+ * written at `hostOffset` of `path`, before a commit makes it a snapshot;
+ * writes them back only when it returns true. Reads and writes through the
+ * page cache: the O_DIRECT writes are complete and durable, so the cache
+ * holds none of these pages. Takes no locks: the caller holds the image.
+ */
+export async function editVmStateTail(path: string, hostOffset: number, length: number, tailBytes: number, edit: (tail: Buffer) => boolean): Promise<void> {
+  const bytes = Math.min(length, tailBytes);
+  if (bytes === 0) return;
+  const start = hostOffset + length - bytes;
+  const file = await TargetFile.open(path, { write: true, create: false, direct: false });
+  try {
+    const tail = await readExact(file, start, bytes, 'vmstate tail');
+    if (!edit(tail)) return;
+    await file.write(tail, start);
+    // fdatasync: the edited vmstate is durable before the commit makes it a snapshot.
+    await file.datasync();
+  } finally {
+    await file.close();
   }
 }
 

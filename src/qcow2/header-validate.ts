@@ -26,6 +26,12 @@ export interface HeaderFacts {
   layout: Layout;
   /** Incompatible bit 0: refcounts may be stale (lazy refcounts). */
   dirty: boolean;
+  /**
+   * A feature the image may be listed with but not written, checked or
+   * exported (encryption, extended L2 entries, an external data file), as
+   * `qemu-img snapshot -l` lists such images; undefined when there is none.
+   */
+  listOnly: string | undefined;
 }
 
 /** A byte range of metadata, for overlap checks. */
@@ -37,17 +43,18 @@ export interface MetadataRange {
 
 export function validateHeader(header: Qcow2Header, fileSizeBytes: number): HeaderFacts {
   if (header.refcountOrder > 6) throw corrupt(`refcount_order ${header.refcountOrder} exceeds 6`, { offset: 96 });
-  validateFeatures(header);
+  const listOnly = validateFeatures(header);
   const layout = layoutOf(header);
   validateL1(header, layout, fileSizeBytes);
   validateRefcountTable(header, layout, fileSizeBytes);
   validateSnapshotPointer(header, layout, fileSizeBytes);
   validateExtensions(header);
   assertNoOverlap(headerRanges(header, layout), layout);
-  return { layout, dirty: (header.incompatibleFeatures & IncompatibleFeature.DIRTY) !== 0n };
+  return { layout, dirty: (header.incompatibleFeatures & IncompatibleFeature.DIRTY) !== 0n, listOnly };
 }
 
-function validateFeatures(header: Qcow2Header): void {
+/** Refuses what no access can handle; returns what only listing can (HeaderFacts.listOnly). */
+function validateFeatures(header: Qcow2Header): string | undefined {
   const incompatible = header.incompatibleFeatures;
   const unknown = incompatible & ~KNOWN_INCOMPATIBLE;
   if (unknown !== 0n) throw unsupported(`unknown incompatible feature bits 0x${unknown.toString(16)}`, { offset: 72 });
@@ -55,12 +62,6 @@ function validateFeatures(header: Qcow2Header): void {
     throw corrupt('the corrupt bit is set (QEMU found an inconsistency); repair it with `qemu-img check -r all`', {
       offset: 72,
     });
-  }
-  if (incompatible & IncompatibleFeature.EXTERNAL_DATA_FILE) {
-    throw unsupported('external data file (internal snapshots are impossible with one)', { offset: 72 });
-  }
-  if (incompatible & IncompatibleFeature.EXTENDED_L2) {
-    throw unsupported('extended L2 entries (subclusters)', { offset: 72 });
   }
   const typeBit = (incompatible & IncompatibleFeature.COMPRESSION_TYPE) !== 0n;
   if (typeBit !== (header.compressionType !== CompressionType.ZLIB)) {
@@ -71,7 +72,10 @@ function validateFeatures(header: Qcow2Header): void {
   if (header.compressionType > CompressionType.ZSTD) {
     throw unsupported(`compression_type ${header.compressionType}`, { offset: 104 });
   }
-  if (header.cryptMethod !== 0) throw unsupported(`encryption (crypt_method ${header.cryptMethod})`, { offset: 32 });
+  if (incompatible & IncompatibleFeature.EXTERNAL_DATA_FILE) return 'an external data file (internal snapshots are impossible with one)';
+  if (incompatible & IncompatibleFeature.EXTENDED_L2) return 'extended L2 entries (subclusters)';
+  if (header.cryptMethod !== 0) return `encryption (crypt_method ${header.cryptMethod})`;
+  return undefined;
 }
 
 function validateL1(header: Qcow2Header, layout: Layout, fileSizeBytes: number): void {

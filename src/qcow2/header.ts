@@ -4,7 +4,7 @@
  * decoding. Big-endian conversion happens here and nowhere else for the
  * header. Header extensions, including unknown ones, are kept byte-for-byte.
  */
-import { corrupt, invariant } from './fail.js';
+import { corrupt, invariant, notQcow2 } from './fail.js';
 import { Layout } from './layout.js';
 import { QCOW_MAGIC } from '../qcow2-magic.js';
 
@@ -107,8 +107,10 @@ function u64(buf: Buffer, offset: number, field: string): number {
  * cluster 0 (header + extensions), bounded by MAX_CLUSTER_BITS.
  */
 export function probeClusterBits(probe: Buffer): number {
+  if (probe.length < 4 || probe.readUInt32BE(0) !== QCOW_MAGIC) {
+    throw notQcow2(probe.length < 4 ? `it holds ${probe.length} bytes` : `its first bytes are not the qcow2 magic "QFI\\xfb"`);
+  }
   if (probe.length < V2_HEADER_LENGTH) throw corrupt(`file is too short for a qcow2 header (${probe.length} bytes)`);
-  if (probe.readUInt32BE(0) !== QCOW_MAGIC) throw corrupt('bad magic (not a qcow2 image)', { offset: 0 });
   const version = probe.readUInt32BE(4);
   if (version !== 2 && version !== 3) throw corrupt(`version ${version} (only 2 and 3 exist)`, { offset: 4 });
   const clusterBits = probe.readUInt32BE(20);

@@ -4,6 +4,7 @@
  * shared validators; the image and the snapshot sink take the resolved values.
  */
 import { resolveStreamCore, STREAM_CORE_OPTION_KEYS, type StreamConfig, type StreamCoreOptions } from '../stream/options.js';
+import type { SnapshotError } from '../errors.js';
 import { describe, validateBoolean, validateOptionsObject } from '../validate.js';
 
 export interface SaveStreamOptions extends StreamCoreOptions {
@@ -49,4 +50,13 @@ export function validateOpenImageOptions(options: unknown): OpenImageConfig {
   const forceShare = o.forceShare === undefined ? false : validateBoolean(o.forceShare, 'options.forceShare');
   // forceShare takes no lock, so it can only read.
   return Object.freeze({ readOnly: readOnly || forceShare, forceShare });
+}
+
+export interface BeginSaveOptions {
+  /** A power of two the vmstate's start is aligned to (the O_DIRECT alignment of the writer). */
+  alignment?: number;
+  /** A vmstate already written at this offset (the savevm hand-off, qcow2/handoff.ts). */
+  baseOffset?: number;
+  /** Stops whatever writes the vmstate (called when the image is closed first). */
+  cancel?: (error: SnapshotError) => void;
 }

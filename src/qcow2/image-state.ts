@@ -2,7 +2,8 @@
  * What an open image knows about itself, loaded and validated in one place
  * (open), and the small metadata walks shared by save, delete and check.
  */
-import { corrupt } from './fail.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
+import { corrupt, unsupported } from './fail.js';
 import { acquireImageLocks, READER_LOCKS, WRITER_LOCKS, type LockPlan } from './lock.js';
 import { readExact, type MetaFile } from './file.js';
 import { decodeHeader, HEADER_PROBE_BYTES, probeClusterBits, type Qcow2Header } from './header.js';
@@ -26,6 +27,8 @@ export interface ImageState {
   fileSizeBytes: number;
   /** Incompatible bit 0 was set at open. */
   dirty: boolean;
+  /** A feature that allows listing only (header-validate.ts HeaderFacts.listOnly). */
+  listOnly: string | undefined;
   l1: L1Table;
   snapshots: SnapshotEntry[];
   /** Exact byte length of the on-disk snapshot table. */
@@ -41,7 +44,7 @@ export async function loadImageState(file: MetaFile): Promise<ImageState> {
   const cluster0 = Buffer.alloc(Math.min(2 ** clusterBits, fileSizeBytes));
   await file.read(cluster0, 0);
   const header = decodeHeader(cluster0);
-  const { layout, dirty } = validateHeader(header, fileSizeBytes);
+  const { layout, dirty, listOnly } = validateHeader(header, fileSizeBytes);
   const l1Bytes = await readPadded(file, header.l1TableOffset, header.l1Size * 8, fileSizeBytes);
   const l1 = new L1Table(l1Bytes, layout);
   const { entries, tableBytes } = await readSnapshotTable(file, header, fileSizeBytes);
@@ -51,7 +54,7 @@ export async function loadImageState(file: MetaFile): Promise<ImageState> {
     { what: 'snapshot table', offset: header.snapshotsOffset, length: tableBytes },
   ];
   assertNoOverlap(ranges, layout);
-  return { file, header, layout, fileSizeBytes, dirty, l1, snapshots: entries, snapshotTableBytes: tableBytes };
+  return { file, header, layout, fileSizeBytes, dirty, listOnly, l1, snapshots: entries, snapshotTableBytes: tableBytes };
 }
 
 async function readSnapshotTable(
@@ -87,6 +90,11 @@ export async function readSnapshotL1(state: ImageState, entry: SnapshotEntry): P
   return new L1Table(bytes, state.layout);
 }
 
+/** Refuses, with QCOW2_UNSUPPORTED, to `what` an image that can only be listed. */
+export function refuseListOnly(state: Pick<ImageState, 'listOnly' | 'file'>, what: string): void {
+  if (state.listOnly !== undefined) throw unsupported(`${what} of an image with ${state.listOnly}`, { path: state.file.path });
+}
+
 /** The image's refcount table and blocks as committed now (offset and size validated at open). */
 export function loadRefcounts(state: ImageState): Promise<RefcountStore> {
   const { file, layout, header, fileSizeBytes } = state;
@@ -105,10 +113,15 @@ export async function openImageState(
   const locks = config.forceShare ? undefined : config.readOnly ? READER_LOCKS : WRITER_LOCKS;
   if (locks !== undefined) await acquireImageLocks(file, locks);
   const state = await loadImageState(file);
+  if (state.listOnly !== undefined && !config.readOnly) {
+    throw unsupported(`${state.listOnly}; open it read-only to list its snapshots`, { path: file.path, offset: 72 });
+  }
   if (state.dirty && !config.readOnly) {
-    throw corrupt(
-      'the dirty bit is set (lazy refcounts were not written back); refusing to write. ' +
-        'Repair with `qemu-img check -r all`',
+    // Not corrupt: QEMU with lazy refcounts sets it while running and rebuilds the refcounts on repair.
+    throw new SnapshotError(
+      ErrorCode.IMAGE_DIRTY,
+      `image '${file.path}' is dirty: its lazy refcounts were not written back (QEMU stopped without closing it), ` +
+        `so they cannot be trusted for a write. Repair it with \`qemu-img check -r all ${file.path}\`; reading works as it is`,
       { path: file.path, offset: 72 },
     );
   }

@@ -5,24 +5,36 @@
  * snapshot-sink.ts). Opening validates everything before any write, and a
  * writable image holds QEMU's lock bytes for as long as it is open (lock.ts).
  *
- * Operations are serialised: one runs at a time, in call order.
+ * Operations are serialised (operation-queue.ts): save, delete and check
+ * run one at a time, in call order, and a save holds the queue from its
+ * reservation to its commit or abort, so a delete called while a save
+ * streams waits for the save's end. Exports read only committed, immutable
+ * data and run beside everything; deleting a snapshot that an open export
+ * stream reads is refused (SNAPSHOT_IN_USE). close() stops open exports and
+ * a save still streaming (its stream fails with IMAGE_CLOSED and the image
+ * keeps its old meaning), waits for the operation running, and refuses what
+ * was still waiting with IMAGE_CLOSED.
  */
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
-import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef } from '../validate.js';
-import { checkImage, refuseInconsistent, type CheckResult } from './check.js';
+import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef, type PathLike } from '../validate.js';
+import { checkImage, type CheckResult } from './check.js';
 import type { MetaFile } from './file.js';
 import { deleteSnapshotAt } from './image-delete.js';
 import { revertToSnapshotAt } from './image-revert.js';
 import { refuseNewSnapshot, SaveTransaction, type SaveMetadata, type SaveReservation } from './image-save.js';
-import { loadImageState, loadRefcounts, openImageState, type ImageState } from './image-state.js';
+import { OpenExports } from './open-exports.js';
+import { OperationQueue } from './operation-queue.js';
+import { SaveSlot } from './save-session.js';
+import { ImageMetadata } from './image-metadata.js';
+import { openImageState, type ImageState } from './image-state.js';
 import { releaseImageLocks, type LockPlan } from './lock.js';
-import type { RefcountStore } from './refcount.js';
 import { preallocateSave } from './save-preallocate.js';
 import {
   validateOpenImageOptions,
   validateSaveStreamOptions,
+  type BeginSaveOptions,
   type OpenImageConfig,
   type OpenImageOptions,
   type SaveStreamOptions,
@@ -30,7 +42,7 @@ import {
 } from './image-options.js';
 import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import { snapshotSinkFactory, SnapshotSink } from './snapshot-sink.js';
-import { requireSnapshot } from './snapshot-table.js';
+import { findById, findByIdThenName, findByName } from './snapshot-lookup.js';
 import { createVmStateReadStream, validateVmStateReadOptions, type VmStateReadOptions, type VmStateReadStream } from './vmstate-reader.js';
 
 export type { CheckResult } from './check.js';
@@ -43,23 +55,21 @@ const DEFAULT_OPEN: OpenImageConfig = { readOnly: false, forceShare: false };
 /** Largest alignment a save's vmstate run may be asked to start on (the largest DIO alignment we accept). */
 const MAX_SAVE_ALIGNMENT_BYTES = 1 << 20;
 
+
 export class Image {
   readonly path: string;
   readonly readOnly: boolean;
-  private _state: ImageState;
-  /** A write failed midway: the in-memory metadata may differ from the disk; reload before the next operation. */
-  private _stale = false;
-  /** The consistency check passed, and only our own complete commits wrote since (we hold the lock). */
-  private _verified = false;
+  private readonly _meta: ImageMetadata;
   private readonly _locks: LockPlan | undefined;
-  private _queue: Promise<unknown> = Promise.resolve();
-  private _save: SaveTransaction | undefined;
-  private _closed = false;
+  private readonly _ops = new OperationQueue();
+  private readonly _saves = new SaveSlot(this._ops);
+  private readonly _exports = new OpenExports();
+  private _closing: Promise<void> | undefined;
 
   private constructor(path: string, readOnly: boolean, state: ImageState, locks: LockPlan | undefined) {
     this.path = path;
     this.readOnly = readOnly;
-    this._state = state;
+    this._meta = new ImageMetadata(state, path);
     this._locks = locks;
   }
 
@@ -103,25 +113,29 @@ export class Image {
   }
 
   /**
-   * The saved VM state of a snapshot (by id, else by name), byte for byte.
-   * The stream reads lazily: do not delete that snapshot or close the image
-   * before it ends.
+   * The saved VM state of the snapshot named `name` (by name, as loadvm
+   * finds it: snapshot-lookup.ts; with `{ by: 'id' }` the snapshot with that
+   * id), byte for byte. The stream reads lazily; the
+   * snapshot cannot be deleted while it is open, and close() stops it.
    */
-  createVmStateReadStream(idOrName: string, options?: VmStateReadOptions): VmStateReadStream {
-    validateSnapshotRef(idOrName, 'idOrName');
+  createVmStateReadStream(name: string, options?: VmStateReadOptions): VmStateReadStream {
+    validateSnapshotRef(name, 'name');
     const resolved = validateVmStateReadOptions(options);
     this.assertOpen();
-    const entry = this._state.snapshots[requireSnapshot(this._state.snapshots, idOrName)]!;
-    return createVmStateReadStream(this._state, entry, resolved);
+    const { snapshots } = this._state;
+    const entry = snapshots[resolved.by === 'id' ? findById(snapshots, name) : findByName(snapshots, name)]!;
+    return this._exports.add(createVmStateReadStream(this._state, entry, resolved), entry.id);
   }
 
-  async deleteSnapshot(idOrName: string): Promise<SnapshotInfo> {
-    validateSnapshotRef(idOrName, 'idOrName');
+  /** Deletes the snapshot named `name` (by name, as `qemu-img snapshot -d`: snapshot-lookup.ts); resolves to what was deleted. */
+  async deleteSnapshot(name: string): Promise<SnapshotInfo> {
+    validateSnapshotRef(name, 'name');
     return this.exclusive(async () => {
       this.assertWritable();
-      const index = requireSnapshot(this._state.snapshots, idOrName);
-      const rc = await this.consistentRefcounts();
-      return this.writing(async () => toSnapshotInfo(await deleteSnapshotAt(this._state, rc, index)));
+      const index = findByName(this._state.snapshots, name);
+      this._exports.refuseDelete(this._state.snapshots[index]!, this.path);
+      const rc = await this._meta.refcountsForWrite();
+      return this._meta.writing(async () => toSnapshotInfo(await deleteSnapshotAt(this._state, rc, index)));
     });
   }
 
@@ -134,9 +148,9 @@ export class Image {
     validateSnapshotRef(idOrName, 'idOrName');
     return this.exclusive(async () => {
       this.assertWritable();
-      const index = requireSnapshot(this._state.snapshots, idOrName);
-      const rc = await this.consistentRefcounts();
-      return this.writing(async () => toSnapshotInfo(await revertToSnapshotAt(this._state, rc, index)));
+      const index = findByIdThenName(this._state.snapshots, idOrName);
+      const rc = await this._meta.refcountsForWrite();
+      return this._meta.writing(async () => toSnapshotInfo(await revertToSnapshotAt(this._state, rc, index)));
     });
   }
 
@@ -146,116 +160,88 @@ export class Image {
 
   /**
    * First half of a save: checks the name, then reserves the vmstate run at
-   * the end of the file. Write the vmstate at `baseOffset`, fdatasync it,
-   * then call commitSave() (or abortSave()). `baseOffset`: a vmstate
+   * the end of the file and holds the image's operations until the save
+   * ends. Write the vmstate at `baseOffset`, fdatasync it, then call
+   * commitSave() (or abortSave()). `cancel` stops whatever writes the
+   * vmstate, should the image be closed first. `baseOffset`: a vmstate
    * already written there while QEMU held the image (the savevm hand-off,
    * qcow2/handoff.ts); refused with VM_STATE when anything allocated now reaches it.
    */
-  beginSave(name: string, options: { alignment?: number; baseOffset?: number } = {}): Promise<SaveReservation> {
+  beginSave(name: string, options: BeginSaveOptions = {}): Promise<SaveReservation> {
     validateSnapshotName(name, 'name');
     const alignment = validatePowerOfTwo(options.alignment ?? 1, 'options.alignment', 1, MAX_SAVE_ALIGNMENT_BYTES);
-    return this.exclusive(async () => {
-      this.assertWritable();
-      if (this._save !== undefined) throw new SnapshotError(ErrorCode.EINVAL, 'a save is already in progress');
-      refuseNewSnapshot(this._state.snapshots, name);
-      this._save = await SaveTransaction.begin(this._state, await this.consistentRefcounts(), name, alignment, options.baseOffset);
-      return { baseOffset: this._save.baseOffset, maxLength: this._save.maxLength };
-    });
+    const reserve = () =>
+      this.started(async () => {
+        this.assertWritable();
+        refuseNewSnapshot(this._state.snapshots, name);
+        return SaveTransaction.begin(this._state, await this._meta.refcountsForWrite(), name, alignment, options.baseOffset);
+      });
+    return this._saves.begin(reserve, options.cancel).then((tx) => ({ baseOffset: tx.baseOffset, maxLength: tx.maxLength }));
   }
 
   /** @internal Reserves the disk space of the running save through the stream's descriptor (preallocate 'space'). */
-  preallocateSave(file: TargetFile, vmStateBytes: number, signal: AbortSignal | undefined): Promise<void> {
-    return this.exclusive(async () => {
-      const save = this._save;
-      if (save === undefined) throw new SnapshotError(ErrorCode.EINVAL, 'preallocateSave() without beginSave()');
-      await preallocateSave(save, file, vmStateBytes, signal);
-    });
+  async preallocateSave(file: TargetFile, vmStateBytes: number, signal: AbortSignal | undefined): Promise<void> {
+    await preallocateSave(this._saves.running('preallocateSave').tx, file, vmStateBytes, signal);
   }
 
   /** Second half of a save; resolves once the snapshot exists durably. */
-  commitSave(meta: SaveMetadata): Promise<SnapshotInfo> {
-    return this.exclusive(async () => {
-      const save = this._save;
-      if (save === undefined) throw new SnapshotError(ErrorCode.EINVAL, 'commitSave() without beginSave()');
-      try {
-        return toSnapshotInfo(await save.commit(meta));
-      } catch (err) {
-        this._stale = true;
-        await save.abort().catch(() => undefined);
-        throw err;
-      } finally {
-        this._save = undefined;
-      }
-    });
+  async commitSave(meta: SaveMetadata): Promise<SnapshotInfo> {
+    const save = this._saves.running('commitSave');
+    return toSnapshotInfo(await this._meta.writing(() => save.commit(meta)));
   }
 
   /** Abandons a save: the image keeps its old meaning and, when possible, its old length. */
-  abortSave(): Promise<void> {
-    return this.exclusive(async () => {
-      const save = this._save;
-      this._save = undefined;
-      await save?.abort();
-    });
+  async abortSave(): Promise<void> {
+    await this._saves.session?.abort();
   }
 
   /** A Writable whose bytes become the vmstate of new snapshot `name`; the snapshot exists after 'finish'. */
   createSnapshotStream(name: string, options?: SaveStreamOptions): SnapshotStream {
     validateSnapshotName(name, 'name');
     const config = validateSaveStreamOptions(options);
-    return new SnapshotStream(config, () => SnapshotSink.open(this, name, config));
+    const stream: SnapshotStream = new SnapshotStream(config, () =>
+      SnapshotSink.open(this, name, config, { cancel: (error) => stream.destroy(error) }),
+    );
+    return stream;
   }
 
-  async close(): Promise<void> {
-    if (this._closed) return;
-    await this._queue.catch(() => undefined);
-    if (this._save !== undefined) await this.abortSave().catch(() => undefined);
-    this._closed = true;
+  /**
+   * Closes the image once the operation running has ended: open exports and
+   * a save still streaming are stopped with IMAGE_CLOSED (the save leaves the
+   * image as it was), operations still waiting are refused with IMAGE_CLOSED.
+   */
+  close(): Promise<void> {
+    this._closing ??= this.shutdown();
+    return this._closing;
+  }
+
+  private async shutdown(): Promise<void> {
+    const closed = new SnapshotError(ErrorCode.IMAGE_CLOSED, `image '${this.path}' was closed`, { path: this.path });
+    await this._exports.stopAll(closed);
+    await this._saves.stop(closed);
+    await this._ops.idle();
     const file = this._state.file as MetaFile;
     if (this._locks !== undefined) await releaseImageLocks(file, this._locks).catch(() => undefined);
     await file.close();
   }
 
   private exclusive<T>(task: () => Promise<T>): Promise<T> {
-    const start = async (): Promise<T> => {
-      this.assertOpen();
-      if (this._stale) {
-        this._state = await loadImageState(this._state.file);
-        this._stale = false;
-        this._verified = false;
-      }
-      return task();
-    };
-    const run = this._queue.then(start, start);
-    this._queue = run.catch(() => undefined);
-    return run;
+    return this._ops.run(() => this.started(task));
   }
 
-  /** A write that fails midway leaves the in-memory metadata unlike the disk: reload it first next time. */
-  private async writing<T>(task: () => Promise<T>): Promise<T> {
-    try {
-      return await task();
-    } catch (err) {
-      this._stale = true;
-      throw err;
-    }
+  /** An operation's start: the image is still open, and metadata a failed write left unlike the disk is reloaded. */
+  private async started<T>(task: () => Promise<T>): Promise<T> {
+    this.assertOpen();
+    await this._meta.refresh();
+    return task();
   }
 
-  /**
-   * The refcounts for a write, loaded once for it. The first write after
-   * open (or after a failed one) first checks the whole metadata with them
-   * (check.ts refuseInconsistent); later ones trust our own commits.
-   */
-  private async consistentRefcounts(): Promise<RefcountStore> {
-    const rc = await loadRefcounts(this._state);
-    if (!this._verified) {
-      await refuseInconsistent(this._state, rc, this.path);
-      this._verified = true;
-    }
-    return rc;
+  private get _state(): ImageState {
+    return this._meta.state;
   }
 
   private assertOpen(): void {
-    if (this._closed) throw new SnapshotError(ErrorCode.IMAGE_CLOSED, `image '${this.path}' is closed`, { path: this.path });
+    if (this._closing !== undefined) throw new SnapshotError(ErrorCode.IMAGE_CLOSED, `image '${this.path}' is closed`, { path: this.path });
   }
 
   private assertWritable(): void {
@@ -265,7 +251,7 @@ export class Image {
   }
 }
 
-export function openImage(path: string, options?: OpenImageOptions): Promise<Image> {
+export function openImage(path: PathLike, options?: OpenImageOptions): Promise<Image> {
   return Image.open(validatePath(path, 'path'), validateOpenImageOptions(options));
 }
 

@@ -11,6 +11,7 @@
  */
 import { ErrorCode, SnapshotError, isSnapshotError } from '../errors.js';
 import type { MetaFile } from './file.js';
+import { describeHolder, findLockHolders } from '../io/lock-holder.js';
 
 export const LOCK_PERM_BASE = 100;
 export const LOCK_SHARED_BASE = 200;
@@ -38,17 +39,29 @@ export const READER_LOCKS: LockPlan = {
   unshared: [Permission.WRITE, Permission.RESIZE],
 };
 
-function lockedError(file: MetaFile, permission: number, pid: number, ours: 'use' | 'unshare'): SnapshotError {
-  const who = pid > 0 ? `process ${pid}` : 'another process';
+/** A lock byte someone else holds: which permission, and whether we wanted to use it or to refuse sharing it. */
+class LockConflict {
+  constructor(
+    readonly permission: number,
+    readonly ours: 'use' | 'unshare',
+  ) {}
+}
+
+/** IMAGE_LOCKED naming the holder where /proc tells it (OFD locks report no pid to F_OFD_GETLK). */
+function lockedError(file: MetaFile, conflict: LockConflict): SnapshotError {
+  const { permission, ours } = conflict;
+  const holder = findLockHolders(file.path)[0];
+  const who = holder === undefined ? 'another process' : `process ${holder.pid} (${holder.comm}, ${describeHolder(holder)})`;
   const what =
     ours === 'use'
       ? `${who} does not share the "${NAMES[permission]}" permission`
       : `${who} holds the "${NAMES[permission]}" permission we must not share`;
-  return new SnapshotError(
-    ErrorCode.IMAGE_LOCKED,
-    `image '${file.path}' is locked: ${what} (is a QEMU using it? stop it or use its own savevm)`,
-    { path: file.path, syscall: 'fcntl(F_OFD_GETLK)', offset: (ours === 'use' ? LOCK_SHARED_BASE : LOCK_PERM_BASE) + permission },
-  );
+  const advice = holder === undefined ? ' (is a QEMU using it? stop it or use its own savevm)' : '';
+  return new SnapshotError(ErrorCode.IMAGE_LOCKED, `image '${file.path}' is locked: ${what}${advice}`, {
+    path: file.path,
+    syscall: 'fcntl(F_OFD_GETLK)',
+    offset: (ours === 'use' ? LOCK_SHARED_BASE : LOCK_PERM_BASE) + permission,
+  });
 }
 
 /** Takes the lock bytes of `plan`, then verifies nobody conflicts; on conflict drops them and throws IMAGE_LOCKED. */
@@ -60,21 +73,20 @@ export async function acquireImageLocks(file: MetaFile, plan: LockPlan): Promise
         await file.setLock(byte, 1, 'read');
       } catch (err) {
         // Only a foreign write lock can refuse a shared lock; QEMU never takes one, so report it as held.
-        if (isSnapshotError(err, ErrorCode.EAGAIN)) throw lockedError(file, byte % 100, 0, 'use');
+        if (isSnapshotError(err, ErrorCode.EAGAIN)) throw new LockConflict(byte % 100, 'use');
         throw err;
       }
     }
     for (const permission of plan.held) {
-      const holder = await file.getLock(LOCK_SHARED_BASE + permission, 1, 'write');
-      if (holder !== null) throw lockedError(file, permission, holder.pid, 'use');
+      if ((await file.getLock(LOCK_SHARED_BASE + permission, 1, 'write')) !== null) throw new LockConflict(permission, 'use');
     }
     for (const permission of plan.unshared) {
-      const holder = await file.getLock(LOCK_PERM_BASE + permission, 1, 'write');
-      if (holder !== null) throw lockedError(file, permission, holder.pid, 'unshare');
+      if ((await file.getLock(LOCK_PERM_BASE + permission, 1, 'write')) !== null) throw new LockConflict(permission, 'unshare');
     }
   } catch (err) {
     await releaseImageLocks(file, plan).catch(() => undefined);
-    throw err;
+    // Our own bytes are released now, so /proc shows only the holders that conflict.
+    throw err instanceof LockConflict ? lockedError(file, err) : err;
   }
 }
 

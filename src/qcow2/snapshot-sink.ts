@@ -5,10 +5,18 @@
  * for createSnapshotStream(path, { snapshot }), on one it opens and closes
  * with the stream.
  */
+import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
 import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from '../stream/sink.js';
 import type { Image } from './image.js';
 import type { SnapshotSinkConfig } from './image-options.js';
+
+export interface SinkHooks {
+  /** Stops the stream that writes into the sink (the image is being closed). */
+  cancel?: (error: SnapshotError) => void;
+  /** Runs after the sink's file is closed: closes an image the sink opened itself. */
+  afterClose?: () => Promise<void>;
+}
 
 export class SnapshotSink implements StreamSink {
   readonly file: TargetFile;
@@ -33,17 +41,17 @@ export class SnapshotSink implements StreamSink {
    * reserves the vmstate run at its alignment and, with preallocate 'space',
    * the disk space for all of the save: a full disk fails here, image untouched.
    */
-  static async open(image: Image, name: string, config: SnapshotSinkConfig, afterClose?: () => Promise<void>): Promise<SnapshotSink> {
+  static async open(image: Image, name: string, config: SnapshotSinkConfig, hooks: SinkHooks = {}): Promise<SnapshotSink> {
     const file = await TargetFile.open(image.path, { write: true, create: false, direct: config.direct, threads: STREAM_IO_THREADS });
     try {
-      const reservation = await image.beginSave(name, { alignment: file.alignment });
+      const reservation = await image.beginSave(name, { alignment: file.alignment, cancel: hooks.cancel });
       if (config.preallocate === 'space' && config.expectedSize !== undefined && config.expectedSize > 0) {
         await image.preallocateSave(file, config.expectedSize, config.signal).catch(async (err: unknown) => {
           await image.abortSave().catch(() => undefined);
           throw err;
         });
       }
-      return new SnapshotSink(image, file, reservation, config.vmClockNs, afterClose);
+      return new SnapshotSink(image, file, reservation, config.vmClockNs, hooks.afterClose);
     } catch (err) {
       await file.close().catch(() => undefined);
       throw err;
@@ -51,6 +59,12 @@ export class SnapshotSink implements StreamSink {
   }
 
   async finalize(logicalLength: number): Promise<void> {
+    if (logicalLength === 0) {
+      // QEMU reads a snapshot with vm_state_size 0 as disk-only: loadvm would refuse it.
+      throw new SnapshotError(ErrorCode.SNAPSHOT_EMPTY, `the vmstate for the new snapshot is empty; nothing was saved`, {
+        path: this.file.path,
+      });
+    }
     // fdatasync: the vmstate is durable before any metadata can point at it (commit step 1).
     await this.file.datasync();
     await this._image.commitSave({ vmStateSize: logicalLength, vmClockNs: this._vmClockNs });
@@ -78,7 +92,7 @@ export function snapshotSinkFactory(open: () => Promise<Image>, name: string, co
   return async () => {
     const image = await open();
     try {
-      return await SnapshotSink.open(image, name, config, () => image.close());
+      return await SnapshotSink.open(image, name, config, { afterClose: () => image.close() });
     } catch (err) {
       await image.close().catch(() => undefined);
       throw err;

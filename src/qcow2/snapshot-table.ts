@@ -9,7 +9,6 @@
  * does not fit, so older readers see a disk-only snapshot rather than a
  * truncated one.
  */
-import { ErrorCode, SnapshotError } from '../errors.js';
 import { corrupt, invariant } from './fail.js';
 import type { Layout } from './layout.js';
 import { QCOW_MAX_L1_SIZE_BYTES } from './cluster-map.js';
@@ -219,17 +218,4 @@ export function snapshotTableBytesWithNew(entries: readonly SnapshotEntry[], nam
   const start = Math.ceil(snapshotTableBytes(entries) / 8) * 8;
   const idBytes = Buffer.byteLength(nextSnapshotId(entries), 'utf8');
   return start + SNAPSHOT_HEADER_BYTES + KNOWN_EXTRA_DATA_BYTES + idBytes + Buffer.byteLength(name, 'utf8');
-}
-
-/** QEMU's find_snapshot_by_id_or_name(): an id match wins over a name match. */
-export function findSnapshot(entries: readonly SnapshotEntry[], idOrName: string): number {
-  const byId = entries.findIndex((e) => e.id === idOrName);
-  return byId >= 0 ? byId : entries.findIndex((e) => e.name === idOrName);
-}
-
-/** findSnapshot(), or SNAPSHOT_NOT_FOUND. */
-export function requireSnapshot(entries: readonly SnapshotEntry[], idOrName: string): number {
-  const index = findSnapshot(entries, idOrName);
-  if (index < 0) throw new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `no snapshot with id or name '${idOrName}'`);
-  return index;
 }

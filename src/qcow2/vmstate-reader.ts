@@ -28,10 +28,15 @@ import { MAX_BUFFER_SIZE, MAX_BUFFERS } from '../stream/options.js';
 import { validateChoice, validateInteger, validateOptionsObject } from '../validate.js';
 import type { L1Table, L2Table } from './cluster-map.js';
 import { corrupt, invariant, unsupported } from './fail.js';
-import { readL2, readSnapshotL1, type ImageState } from './image-state.js';
+import { readL2, readSnapshotL1, refuseListOnly, type ImageState } from './image-state.js';
+import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
-/** Bytes per chunk pushed downstream: a 4 MiB read runs at device speed here (the writer's buffer size, same fio figure). */
+/**
+ * Bytes per chunk pushed downstream. 4 MiB, although the writer's buffers are
+ * 16 MiB: every chunk is fresh memory the consumer owns, and the export's
+ * memory bound is readAhead x chunk (docs/performance.md).
+ */
 export const VMSTATE_READ_CHUNK_BYTES = 4 * 1024 * 1024;
 /**
  * Two chunks: one read in flight while the consumer handles the other (double
@@ -42,8 +47,8 @@ export const VMSTATE_READ_CHUNK_BYTES = 4 * 1024 * 1024;
 export const DEFAULT_READ_AHEAD = 2;
 /**
  * Native threads of the data descriptor: when the consumer is waiting, both
- * held chunks are read at once, which devices that like two requests in
- * flight serve faster (docs/performance.md).
+ * held chunks are read at once. Measured here (docs/performance.md): 0.95-1.2x
+ * the export rate of one thread on a loop disk, 1.12x on a throttled one.
  */
 const READ_IO_THREADS = 2;
 /** Smallest chunk: one 4 KiB page; a chunk is rounded to whole clusters anyway. */
@@ -56,21 +61,25 @@ export interface VmStateReadOptions {
   readAhead?: number;
   /** O_DIRECT for the data reads: true, false, or 'auto' (where the filesystem allows). Default 'auto'. */
   direct?: DirectMode;
+  /** How the snapshot is named: 'name' (default, as loadvm looks it up) or 'id' (exactly that entry). */
+  by?: 'name' | 'id';
 }
 
 export interface ResolvedVmStateReadOptions {
   readonly chunkBytes: number;
   readonly readAhead: number;
   readonly direct: DirectMode;
+  readonly by: 'name' | 'id';
 }
 
 /** Validates once, at the edge: TypeError/RangeError naming the option. */
 export function validateVmStateReadOptions(options: unknown): ResolvedVmStateReadOptions {
-  const o = validateOptionsObject<VmStateReadOptions>(options, 'options', ['chunkBytes', 'readAhead', 'direct']);
+  const o = validateOptionsObject<VmStateReadOptions>(options, 'options', ['chunkBytes', 'readAhead', 'direct', 'by']);
   const chunkBytes = validateInteger(o.chunkBytes ?? VMSTATE_READ_CHUNK_BYTES, 'options.chunkBytes', MIN_CHUNK_BYTES, MAX_BUFFER_SIZE);
   const readAhead = validateInteger(o.readAhead ?? DEFAULT_READ_AHEAD, 'options.readAhead', 1, MAX_BUFFERS);
   const direct = validateChoice<DirectMode>(o.direct ?? 'auto', 'options.direct', [true, false, 'auto']);
-  return Object.freeze({ chunkBytes, readAhead, direct });
+  const by = validateChoice(o.by ?? 'name', 'options.by', ['name', 'id'] as const);
+  return Object.freeze({ chunkBytes, readAhead, direct, by });
 }
 
 /** Host offset of vmstate cluster `k`, 0 for zeros; throws for compressed or invalid entries. */
@@ -125,9 +134,26 @@ async function planRuns(lookup: ClusterLookup, firstCluster: number, clusters: n
   return runs;
 }
 
+/**
+ * Zeroes every byte of `slot` that no run covers: zero and unallocated
+ * clusters, the alignment tail, and whatever an aligned superset read placed
+ * past its run. `runs` are in ascending chunk order and do not overlap.
+ */
+function zeroOutsideRuns(slot: Uint8Array, runs: readonly HostRun[]): void {
+  let at = 0;
+  for (const run of runs) {
+    invariant(run.chunkOffset >= at, 'vmstate runs ascend without overlap');
+    if (run.chunkOffset > at) slot.fill(0, at, run.chunkOffset);
+    at = run.chunkOffset + run.lengthBytes;
+  }
+  if (at < slot.length) slot.fill(0, at);
+}
+
 type Callback = (error?: Error | null) => void;
 
 export class VmStateReadStream extends Readable {
+  /** The snapshot being read (as resolved from the name asked for). */
+  readonly snapshot: SnapshotInfo;
   private readonly _state: ImageState;
   private readonly _entry: SnapshotEntry;
   private readonly _opts: ResolvedVmStateReadOptions;
@@ -154,6 +180,7 @@ export class VmStateReadStream extends Readable {
     // buffers at most one, and that one counts against readAhead (_held).
     super({ highWaterMark: 1 });
     const { clusterSize } = state.layout;
+    this.snapshot = toSnapshotInfo(entry);
     this._state = state;
     this._entry = entry;
     this._opts = options;
@@ -250,10 +277,13 @@ export class VmStateReadStream extends Readable {
     const lengthBytes = Math.min(this._strideBytes, this._entry.vmStateSize - position);
     const clusters = Math.ceil(lengthBytes / clusterSize);
     // Whole clusters, so a run's length is aligned whenever the cluster size is.
-    // The buffer is zeroed: zero and unallocated clusters need no I/O.
-    const slot = file.allocBuffer(alignUp(clusters * clusterSize, this._alignment));
+    // Not zeroed up front (a 4 MiB calloc per chunk was the export's largest
+    // CPU cost after the read itself, docs/performance.md): every byte is
+    // either read or zeroed below, so nothing stale reaches the consumer.
+    const slot = file.allocBufferUninitialized(alignUp(clusters * clusterSize, this._alignment));
     const runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
     for (const run of runs) await this._readRun(file, slot, run);
+    zeroOutsideRuns(slot, runs);
     const chunk = Buffer.from(slot.buffer, slot.byteOffset, lengthBytes);
     invariant(chunk.length === lengthBytes && runs.every((r) => r.chunkOffset + r.lengthBytes <= slot.length), 'vmstate chunk bounds');
     return chunk;
@@ -281,7 +311,8 @@ export class VmStateReadStream extends Readable {
         { syscall: 'pread', path: file.path, offset: start },
       );
     }
-    // Both buffers are fresh and zeroed, so bytes past `got` (end of file) read as zeros.
+    // Bytes past `got` (end of file) read as zeros (the scratch buffer is zeroed).
+    if (inPlace && got < target.length) target.fill(0, got);
     if (!inPlace) slot.set(target.subarray(run.hostOffset - start, run.hostOffset - start + run.lengthBytes), run.chunkOffset);
   }
 
@@ -304,10 +335,17 @@ export class VmStateReadStream extends Readable {
   }
 }
 
+/** A disk-only snapshot (vm_state_size 0, as QEMU reads it) has nothing to export: SNAPSHOT_DISK_ONLY. */
 export function createVmStateReadStream(
   state: ImageState,
   entry: SnapshotEntry,
   options: ResolvedVmStateReadOptions = validateVmStateReadOptions(undefined),
 ): VmStateReadStream {
+  refuseListOnly(state, 'an export');
+  if (entry.vmStateSize === 0) {
+    throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot ${entry.id} '${entry.name}' is disk-only: it has no saved VM state`, {
+      path: state.file.path,
+    });
+  }
   return new VmStateReadStream(state, entry, options);
 }

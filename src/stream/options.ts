@@ -8,10 +8,22 @@
 import type { DirectMode } from '../io/target-file.js';
 import { validateChoice, validateInteger, validateMultiple, validateSignal } from '../validate.js';
 
-/** 4 MiB: large enough that a 4 MiB pwrite runs at device speed (fio here). */
-export const DEFAULT_BUFFER_SIZE = 4 << 20;
-/** Four: a full buffer or two can wait for the disk while the producer fills the next (docs/performance.md). */
-export const DEFAULT_BUFFERS = 4;
+/**
+ * 16 MiB: a block device splits a write into requests of at most
+ * max_sectors_kb (4 MiB on the virtio disk here), so one 16 MiB pwrite puts
+ * four requests in flight at once. Measured here: the addon writing 16 MiB
+ * blocks one at a time beat 4 MiB blocks (87 against 51 MiB/s under load,
+ * bench grid), and the stream with 16 MiB buffers beat 4 MiB in interleaved
+ * runs (docs/performance.md); the first figures of issue 12 showed the same
+ * (2 x 16 MiB at 0.7x of the device against 0.36-0.65x for 2 x 4 MiB).
+ */
+export const DEFAULT_BUFFER_SIZE = 16 << 20;
+/**
+ * Three: one filling while up to two wait for or sit on the disk, so the
+ * disk has the next write queued when one completes, and the depth tuner
+ * (depth-tuner.ts) can try two at once. Memory: 48 MiB per stream.
+ */
+export const DEFAULT_BUFFERS = 3;
 /**
  * Option-time alignment: every DIO alignment Linux reports for the disks we
  * target divides 4096. The real alignment is re-checked after open.

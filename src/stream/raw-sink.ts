@@ -20,6 +20,7 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { alignDown } from '../io/alignment.js';
 import { reserveSpace } from '../io/preallocate.js';
 import { TargetFile } from '../io/target-file.js';
+import { describeHolder, findLockHolders } from '../io/lock-holder.js';
 import { QCOW_MAGIC } from '../qcow2-magic.js';
 import type { StreamConfig } from './options.js';
 import { STREAM_IO_THREADS, type SinkFactory, type StreamSink } from './sink.js';
@@ -144,9 +145,10 @@ async function lockTarget(file: TargetFile): Promise<void> {
     await file.setLock(RAW_WRITE_LOCK_BYTE, 1, 'write');
   } catch (err) {
     if (!(err instanceof SnapshotError) || err.code !== ErrorCode.EAGAIN) throw err;
-    const holder = await file.getLock(RAW_WRITE_LOCK_BYTE, 1, 'write').catch(() => null);
-    const who = holder === null || holder.pid <= 0 ? 'another process' : `process ${holder.pid}`;
-    throw new SnapshotError(ErrorCode.TARGET_LOCKED, `'${file.path}' is being written by ${who} (snapstream or QEMU)`, {
+    // OFD locks report pid -1 to F_OFD_GETLK: /proc names the holder (lock-holder.ts).
+    const holder = findLockHolders(file.path)[0];
+    const who = holder === undefined ? 'another process (snapstream or QEMU)' : `process ${holder.pid} (${holder.comm}, ${describeHolder(holder)})`;
+    throw new SnapshotError(ErrorCode.TARGET_LOCKED, `'${file.path}' is being written by ${who}`, {
       path: file.path,
       syscall: 'fcntl(F_OFD_SETLK)',
       offset: RAW_WRITE_LOCK_BYTE,

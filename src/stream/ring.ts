@@ -25,6 +25,7 @@ export class Ring {
   private readonly _state: Uint8Array;
   private readonly _logicalBytes: Float64Array; // per IN_FLIGHT buffer: stream bytes it carries (the rest is padding)
   private readonly _submittedBytes: Float64Array; // per IN_FLIGHT buffer: bytes handed to the disk
+  private readonly _dirtyBytes: Float64Array; // per buffer: the most bytes it ever carried, what wipe() clears
   private readonly _tuner: DepthTuner;
   private readonly _onOk: (() => void)[] = [];
   private readonly _onFail: ((err: unknown) => void)[] = [];
@@ -48,6 +49,7 @@ export class Ring {
     this._state = new Uint8Array(count);
     this._logicalBytes = new Float64Array(count);
     this._submittedBytes = new Float64Array(count);
+    this._dirtyBytes = new Float64Array(count);
     this._tuner = new DepthTuner(file);
   }
 
@@ -88,6 +90,7 @@ export class Ring {
     this._state[index] = IN_FLIGHT;
     this._logicalBytes[index] = logicalBytes;
     this._submittedBytes[index] = length;
+    if (length > (this._dirtyBytes[index] as number)) this._dirtyBytes[index] = length;
     this._inFlight++;
     assert(this._inFlight <= this._state.length, 'in flight <= buffers');
     this._tuner.submitted(this._inFlight);
@@ -124,8 +127,16 @@ export class Ring {
     });
   }
 
-  /** Overwrites every buffer, so VM memory does not linger after the stream. */
-  wipe(): void {
-    for (const b of this.buffers) b.fill(0);
+  /**
+   * Overwrites every byte the stream put in a buffer, so VM memory does not
+   * linger after the stream; pages never written stay untouched (a short
+   * stream does not fault in the whole ring just to clear it).
+   */
+  wipe(fillingBytes = 0): void {
+    for (let i = 0; i < this.buffers.length; i++) {
+      const dirty = Math.max(this._dirtyBytes[i] as number, this._state[i] === FILLING ? fillingBytes : 0);
+      (this.buffers[i] as Uint8Array).fill(0, 0, Math.min(dirty, this.bufferSize));
+      this._dirtyBytes[i] = 0;
+    }
   }
 }

@@ -377,7 +377,7 @@ export class SnapshotStream extends Writable {
         await this._closeSink();
       }
     }
-    this._ring?.wipe();
+    this._ring?.wipe(this._fillLen);
   }
 
   private async _closeSink(): Promise<void> {

@@ -4,6 +4,7 @@
  */
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { validatePath, validateSnapshotName, validateSnapshotRef } from '../validate.js';
+import { saveVmLive } from './live-savevm.js';
 import { loadVm, validateLoadVmOptions, type LoadVmOptions, type LoadVmResult } from './loadvm.js';
 import { Monitor } from './monitor.js';
 import { saveVm, validateSaveVmOptions, type SaveVmOptions, type SaveVmResult } from './savevm.js';
@@ -40,12 +41,14 @@ export class VmConnection {
   /**
    * Like HMP savevm: snapshot `name` of every writable disk, the vmstate in
    * one of them. Stops the VM for as long as QEMU takes to produce its
-   * state, and resumes it if it was running.
+   * state, and resumes it if it was running. With `{ live: true, stateImage }`
+   * the VM is stopped for milliseconds only: QEMU takes disk-only snapshots
+   * and the vmstate goes to the state image (docs/live-checkpoint.md).
    */
   savevm(name: string, options?: SaveVmOptions): Promise<SaveVmResult> {
     validateSnapshotName(name, 'name');
     const opts = validateSaveVmOptions(options);
-    return this.exclusive(() => saveVm(this._monitor, name, opts));
+    return this.exclusive(() => (opts.live === true ? saveVmLive(this._monitor, name, opts) : saveVm(this._monitor, name, opts)));
   }
 
   /** Restores snapshot `name` into a QEMU started with `-incoming defer` and the same configuration. */

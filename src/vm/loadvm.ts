@@ -19,10 +19,12 @@ import { performance } from 'node:perf_hooks';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
+import { validatePath } from '../validate.js';
 import { openImage, type Image, type SnapshotInfo } from '../qcow2/image.js';
 import { assertQcow2File, inspectVm, pickVmStateDisk, vmStateError, type VmDisk } from './inspect.js';
 import { connectIncoming, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
+import { findStateSnapshot } from './live-state.js';
 import { validateCommonVmOptions } from './options.js';
 import { findGlobalState, GLOBAL_STATE_SEARCH_BYTES } from './runstate.js';
 
@@ -52,6 +54,8 @@ export interface LoadVmOptions {
   resume?: boolean;
   /** Disk (device, node name or path) that holds the vmstate; default the first writable disk, as loadvm does. */
   vmstateDisk?: string;
+  /** A live snapshot (savevm with `live`): the disks hold disk-only snapshots, the vmstate is in this state image. */
+  stateImage?: string;
 }
 
 export interface LoadVmResult {
@@ -71,6 +75,7 @@ export function validateLoadVmOptions(options: LoadVmOptions | undefined): LoadV
   if (resolved.resume !== undefined && typeof resolved.resume !== 'boolean') {
     throw new TypeError(`Expected a boolean for options.resume, received ${String(resolved.resume)}`);
   }
+  if (resolved.stateImage !== undefined) validatePath(resolved.stateImage, 'options.stateImage');
   return resolved;
 }
 
@@ -86,11 +91,14 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
   }
   if (info.disks.length === 0) throw vmStateError('the VM has no writable disk that could hold the snapshot');
   for (const disk of info.disks) assertQcow2File(disk);
-  const vmDisk = pickVmStateDisk(info.disks, options.vmstateDisk);
+  // A live snapshot: its vmstate is in the state image, every disk holds a disk-only half.
+  const stateSnapshot = options.stateImage === undefined ? undefined : await findStateSnapshot(options.stateImage, name);
+  const vmDisk = stateSnapshot === undefined ? pickVmStateDisk(info.disks, options.vmstateDisk) : undefined;
   const started = performance.now();
-  const snapshot = await revertAll(info.disks, vmDisk, name, options.signal);
+  const snapshot = (await revertAll(info.disks, vmDisk, name, options.signal)) ?? (stateSnapshot as SnapshotInfo);
   options.onProgress?.({ phase: 'revert', bytes: 0, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
-  const { savedRunState, streamMs } = await feedIncoming(monitor, vmDisk, snapshot, options, started);
+  const vmStatePath = options.stateImage ?? (vmDisk as VmDisk).path;
+  const { savedRunState, streamMs } = await feedIncoming(monitor, vmStatePath, snapshot, options, started);
   // QEMU's own rule for -incoming (process_incoming_migration_bh): start when the stream says running or says nothing.
   const resume = options.resume ?? (savedRunState === undefined || savedRunState === 'running');
   const { status } = await monitor.client.execute<{ status: string }>('query-status');
@@ -109,8 +117,12 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
   };
 }
 
-/** Checks every disk first (nothing changes if one lacks the snapshot), then reverts them all. */
-async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk, name: string, signal: AbortSignal | undefined): Promise<SnapshotInfo> {
+/**
+ * Checks every disk first (nothing changes if one lacks the snapshot), then
+ * reverts them all. Resolves with the vmstate disk's snapshot; without a
+ * vmstate disk (a live snapshot's disk-only halves), with undefined.
+ */
+async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk | undefined, name: string, signal: AbortSignal | undefined): Promise<SnapshotInfo | undefined> {
   const images: Image[] = [];
   try {
     let found: SnapshotInfo | undefined;
@@ -123,8 +135,8 @@ async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk, name: string,
       }
       if (disk === vmDisk) found = snapshot;
     }
-    if (found === undefined || found.vmStateSize === 0) {
-      throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot '${name}' on disk '${vmDisk.device}' is disk-only (no vmstate); revert it offline with 'snapstream revert'`);
+    if (vmDisk !== undefined && (found === undefined || found.vmStateSize === 0)) {
+      throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot '${name}' on disk '${vmDisk.device}' is disk-only (no vmstate); revert it offline with 'snapstream revert', or give the state image of a live snapshot`);
     }
     if (signal?.aborted === true) throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before any disk was reverted');
     for (const image of images) await image.revertSnapshot(name);
@@ -138,14 +150,14 @@ async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk, name: string,
 /** Streams the vmstate into `migrate-incoming`; resolves once QEMU reports `completed`. */
 async function feedIncoming(
   monitor: Monitor,
-  vmDisk: VmDisk,
+  vmStatePath: string,
   snapshot: SnapshotInfo,
   options: LoadVmOptions,
   started: number,
 ): Promise<{ savedRunState: string | undefined; streamMs: number }> {
   const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
   // Read without lock bytes: QEMU must be able to take its own when it activates the image at the end.
-  const image = await openImage(vmDisk.path, { forceShare: true });
+  const image = await openImage(vmStatePath, { forceShare: true });
   try {
     const path = join(dir, 'incoming.sock');
     await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
@@ -154,7 +166,7 @@ async function feedIncoming(
     const tail = new TailTap(snapshot.vmStateSize, (bytes) =>
       options.onProgress?.({ phase: 'stream', bytes, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started }),
     );
-    const reader = image.createVmStateReadStream(snapshot.id, { chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
+    const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
     await pipeline(reader, tail, socket, { signal: options.signal });
     const final = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {

@@ -26,6 +26,7 @@ import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { assertSaveable, inspectVm, pickVmStateDisk, vmStateError, type VmDisk } from './inspect.js';
 import { cancelMigration, MigrationListener, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
+import { validateLiveOptions } from './live-options.js';
 import { validateCommonVmOptions } from './options.js';
 import { findGlobalState, findVmClockNs, GLOBAL_STATE_SEARCH_BYTES, setGlobalState } from './runstate.js';
 
@@ -47,6 +48,10 @@ export interface SaveVmOptions {
   onProgress?: (progress: SaveVmProgress) => void;
   /** Disk (device, node name or path) that takes the vmstate; default the first writable disk, as savevm does. */
   vmstateDisk?: string;
+  /** A live checkpoint (docs/live-checkpoint.md): the guest runs on while its RAM is saved; needs `stateImage`. */
+  live?: boolean;
+  /** With `live`: the qcow2 file (created if missing, open in no QEMU) that takes the vmstate as snapshot `name`. */
+  stateImage?: string;
 }
 
 export interface SaveVmDisk {
@@ -66,6 +71,16 @@ export interface SaveVmResult {
   disks: SaveVmDisk[];
   /** The VM's run state afterwards ('running', or 'postmigrate' for a VM that was paused). */
   status: string;
+  /** A live savevm: the disks hold disk-only snapshots, the vmstate is in the state image. */
+  live?: true;
+  /**
+   * A live savevm's downtime in parts: QEMU's `stop` (it flushes every disk),
+   * the disk-only snapshots (each a qcow2 metadata update and flush), and from
+   * `migrate` until write tracking is on and the VM runs (QEMU populates and
+   * write-protects the page tables of guest RAM).
+   */
+  downtimePhases?: { stopMs: number; diskSnapshotsMs: number; writeTrackingMs: number };
+  stateImage?: { path: string; vmStateBytes: number; created: boolean };
 }
 
 interface Run {
@@ -80,7 +95,7 @@ interface Run {
 }
 
 export function validateSaveVmOptions(options: SaveVmOptions | undefined): SaveVmOptions {
-  return validateCommonVmOptions(options);
+  return validateLiveOptions(validateCommonVmOptions(options));
 }
 
 export async function saveVm(monitor: Monitor, name: string, options: SaveVmOptions): Promise<SaveVmResult> {

@@ -152,8 +152,13 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect((await qemuImg.check(image)).exitCode).toBe(0);
   });
 
-  it('delete removes a snapshot; deleting it again fails with exit 1', async () => {
-    expect((await runBin(['delete', image, 'snap2'])).code).toBe(0);
+  it('delete removes a snapshot and names its id and name; deleting it again fails with exit 1', async () => {
+    const byId = await runBin(['delete', image, '2']);
+    expect(byId.code).toBe(1);
+    expect(errLines(byId)[0]).toMatch(/^snapstream: SNAPSHOT_NOT_FOUND: no snapshot named '2'; snapshot id 2 is named 'snap2'/);
+    const r = await runBin(['delete', image, 'snap2']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toBe(`deleted snapshot 2 'snap2' from ${image}\n`);
     expect((await qemuImg.snapshotList(image)).map((s) => s.name)).toEqual(['snap1']);
     expect((await qemuImg.check(image)).exitCode).toBe(0);
     const again = await runBin(['delete', image, 'snap2']);
@@ -169,15 +174,20 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(errLines(r)[0]).toMatch(/^snapstream: ENOENT: .*missing\.qcow2/);
   });
 
-  it('an image held by a running QEMU is IMAGE_LOCKED, naming QEMU in the hint; -U still lists it', async () => {
+  it('an image held by a running QEMU is IMAGE_LOCKED, naming QEMU; -U still lists and exports it', async () => {
     await withPausedVm({ ramMiB: 16, image }, async () => {
       const r = await runBin(['save', image, 'while-running', statePath]);
       expect(r.code).toBe(1);
       const lines = errLines(r);
-      expect(lines[0]).toMatch(/^snapstream: IMAGE_LOCKED: /);
-      expect(lines[1]).toMatch(/^hint: held by qemu-system-x86 \(pid \d+\), a running QEMU: stop it first/);
+      expect(lines[0]).toMatch(/^snapstream: IMAGE_LOCKED: image '.+' is locked: process \d+ \(qemu-system-x86, a running QEMU\)/);
+      expect(lines[1]).toMatch(/^hint: stop it first/);
       const list = await runBin(['list', image, '-U', '--json']);
       expect(list.code, list.stderr).toBe(0);
+      // export -U reads a snapshot of an image the running VM holds, as qemu-img -U reads it.
+      expect((await runBin(['export', image, 'snap1', '-'])).code).toBe(1);
+      const exported = await runBin(['export', '-U', image, 'snap1', '-']);
+      expect(exported.code, exported.stderr).toBe(0);
+      expect(sha256(exported.stdout)).toBe(sha256(state));
       expect((JSON.parse(list.stdout.toString()) as Array<{ name: string }>).map((s) => s.name)).toEqual(['snap1']);
     });
     expect((await qemuImg.snapshotList(image)).map((s) => s.name)).toEqual(['snap1']);

@@ -21,7 +21,7 @@
  * limit the validator knows, plus the generic set in mutators.ts.
  *
  * Oracle, per input: the target either succeeds or throws a SnapshotError
- * coded QCOW2_CORRUPT / QCOW2_UNSUPPORTED. Anything else (a RangeError from a
+ * coded QCOW2_CORRUPT / QCOW2_UNSUPPORTED / NOT_QCOW2 / IMAGE_DIRTY. Anything else (a RangeError from a
  * Buffer read out of bounds, a TypeError, an uncoded Error, an allocation
  * above MAX_ALLOC_BYTES, a write attempted on the read-only path, an input
  * taking longer than SLOW_INPUT_MS) is a finding and is saved for replay.
@@ -41,7 +41,7 @@ import { havoc, type Canvas } from './mutators.js';
 
 export { Rng } from './engine.js';
 
-const REFUSAL_CODES = new Set(['QCOW2_CORRUPT', 'QCOW2_UNSUPPORTED']);
+const REFUSAL_CODES = new Set(['QCOW2_CORRUPT', 'QCOW2_UNSUPPORTED', 'NOT_QCOW2', 'IMAGE_DIRTY']);
 /** QEMU's largest table is the 64 MiB snapshot table; nothing may allocate more from a header field. */
 export const MAX_ALLOC_BYTES = 64 << 20;
 /** An open of a ~2 MiB in-memory image takes well under a millisecond; 1 s means a loop. */

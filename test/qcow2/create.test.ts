@@ -59,6 +59,21 @@ describe.skipIf(qemuMissing)('createImage', () => {
     expect(x.equals(y)).toBe(true);
   });
 
+  it("creates the file with qemu-img's mode (0644 less the umask), or options.mode", async () => {
+    const { stat } = await import('node:fs/promises');
+    const umask = process.umask();
+    const ours = work.path('mode');
+    const theirs = work.path('mode-qemu');
+    await createImage(ours, { size: 1 << 20 });
+    await qemuImg.create(theirs, 1 << 20);
+    expect((await stat(ours)).mode & 0o7777).toBe(0o644 & ~umask);
+    expect((await stat(ours)).mode & 0o7777).toBe((await stat(theirs)).mode & 0o7777);
+    const strict = work.path('mode-600');
+    await createImage(strict, { size: 1 << 20, mode: 0o600 });
+    expect((await stat(strict)).mode & 0o7777).toBe(0o600 & ~umask);
+    expect(() => createImage(work.path('x'), { size: 1, mode: 0o10000 })).toThrow(/options\.mode/);
+  });
+
   it('refuses an existing file unless overwrite is set, and bad options synchronously', async () => {
     const path = await work.image({ sizeBytes: 1 << 20 });
     await expect(createImage(path, { size: 1 << 20 })).rejects.toMatchObject({ code: 'EEXIST' });

@@ -16,7 +16,7 @@ import { openImage, type Image } from '../../src/qcow2/image.js';
 import { readSnapshotVmState, vmStateLayout } from '../helpers/qcow2-vmstate.js';
 import { rootSkipReason, skipUnlessRan, Skipped, withRamfs } from '../helpers/loopfs.js';
 import { pseudoRandom, sha256 } from '../helpers/streams.js';
-import { requireTool, runOk, run } from '../helpers/tools.js';
+import { qemuImg, requireTool, runOk, run } from '../helpers/tools.js';
 import { privateBuild } from '../reliability/private-build.js';
 import { be64, qemuMissing, readBytes, patchBytes, Workdir } from './fixtures.js';
 
@@ -70,7 +70,7 @@ describe.skipIf(qemuMissing)('qcow2 export: createVmStateReadStream', () => {
   afterAll(async () => work?.cleanup());
 
   for (const clusterSize of [512, 4096, 65536, 2 * MiB]) {
-    const sizes = [0, 1, clusterSize - 1, clusterSize + 1, 5 * MiB + 12345];
+    const sizes = [1, clusterSize - 1, clusterSize + 1, 5 * MiB + 12345];
     it(`reads back our own snapshots byte for byte (cluster ${clusterSize}; sizes ${sizes.join(', ')})`, async () => {
       const path = await work.image({ sizeBytes: 16 * MiB, clusterSize });
       const data = sizes.map((size, i) => pseudoRandom(size, clusterSize + i));
@@ -85,6 +85,19 @@ describe.skipIf(qemuMissing)('qcow2 export: createVmStateReadStream', () => {
       expect(sha256(await exportAll(path, `s${sizes.length - 1}`, { readAhead: 1, direct: false }))).toBe(sha256(big));
     });
   }
+
+  it('refuses to export a disk-only snapshot (qemu-img snapshot -c) with SNAPSHOT_DISK_ONLY, naming it', async () => {
+    const path = await work.image({ sizeBytes: 16 * MiB });
+    await qemuImg.snapshot(path, 'create', 'disk-only');
+    expect((await qemuImg.snapshotList(path)).map((s) => [s.name, s.vmStateSize])).toEqual([['disk-only', 0]]);
+    const img = await openImage(path, { readOnly: true });
+    try {
+      expect(() => img.createVmStateReadStream('disk-only')).toThrow(expect.objectContaining({ code: 'SNAPSHOT_DISK_ONLY' }));
+      expect(() => img.createVmStateReadStream('disk-only')).toThrow(/snapshot 1 'disk-only' is disk-only/);
+    } finally {
+      await img.close();
+    }
+  });
 
   it('refuses bad options synchronously, naming the option', async () => {
     const path = await work.image({ sizeBytes: 16 * MiB });

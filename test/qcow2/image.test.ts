@@ -171,7 +171,9 @@ describe.skipIf(qemuMissing)('qcow2 image: delete', () => {
     const img = await openImage(path);
     try {
       await img.deleteSnapshot('one');
-      await img.deleteSnapshot('2');
+      // By name only, as qemu-img snapshot -d and delvm look it up; the message names the id's snapshot.
+      await expect(img.deleteSnapshot('2')).rejects.toThrow(/no snapshot named '2'; snapshot id 2 is named 'two'/);
+      await img.deleteSnapshot('two');
       expect(img.snapshots()).toEqual([]);
       expect(await img.check()).toMatchObject({ corruptions: 0, leaks: 0 });
     } finally {
@@ -196,5 +198,37 @@ describe.skipIf(qemuMissing)('qcow2 image: delete', () => {
     expect(() => ro.beginSave('')).toThrow(TypeError);
     expect(() => ro.beginSave('n'.repeat(256))).toThrow(RangeError);
     await ro.close();
+  });
+});
+
+describe.skipIf(qemuMissing)('qcow2 image: paths as fs takes them', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-paths');
+  });
+  afterAll(async () => work.cleanup());
+
+  it('accepts a file: URL and a UTF-8 Buffer wherever a path goes', async () => {
+    const { createImage, createSnapshotStream } = await import('../../src/index.js');
+    const { pathToFileURL } = await import('node:url');
+    const { pipeline } = await import('node:stream/promises');
+    const { fromChunks, pseudoRandom } = await import('../helpers/streams.js');
+    const path = work.path('pâth with space');
+    await createImage(pathToFileURL(path), { size: 16 << 20 });
+    await pipeline(fromChunks([pseudoRandom(100_000, 5)]), createSnapshotStream(pathToFileURL(path), { snapshot: 'via-url' }));
+    const img = await openImage(Buffer.from(path, 'utf8'));
+    try {
+      expect(img.path).toBe(path);
+      expect(img.snapshots().map((s) => s.name)).toEqual(['via-url']);
+    } finally {
+      await img.close();
+    }
+    expect((await qemuImg.snapshotList(path)).map((s) => [s.name, s.vmStateSize])).toEqual([['via-url', 100_000]]);
+  });
+
+  it('refuses a URL that is not file: and a Buffer that is not UTF-8, naming the argument', () => {
+    expect(() => openImage(new URL('http://example.com/disk.qcow2'))).toThrow(/Expected a file: URL for path/);
+    expect(() => openImage(Buffer.from([0x2f, 0xff, 0xfe]))).toThrow(/Expected a UTF-8 path for path/);
+    expect(() => openImage(42 as unknown as string)).toThrow(TypeError);
   });
 });

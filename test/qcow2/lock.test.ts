@@ -41,7 +41,9 @@ describe.skipIf(qemuMissing)("QEMU's image locking protocol", () => {
     const holder = await holdWithQemuIo(path, false);
     try {
       await expect(openImage(path)).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
-      await expect(openImage(path, { readOnly: true })).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+      await expect(openImage(path, { readOnly: true })).rejects.toThrow(
+        new RegExp(`is locked: process ${holder.pid} \\(qemu-io, a qemu-io process\\) holds the "write" permission`),
+      );
       const shared = await openImage(path, { forceShare: true });
       expect(shared.snapshots()).toEqual([]);
       await shared.close();
@@ -74,7 +76,11 @@ describe.skipIf(qemuMissing)("QEMU's image locking protocol", () => {
       expect(info.code).not.toBe(0);
       expect(info.stderr).toMatch(/Failed to get shared "write" lock/);
       expect((await qemuImg.info(path, { forceShare: true }))['virtual-size']).toBe(16 << 20);
+      // The holder is this process: the message says so instead of suspecting a QEMU.
       await expect(openImage(path)).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+      await expect(openImage(path)).rejects.toThrow(
+        new RegExp(`locked: process ${process.pid} \\(\\S+, this process: another Image or snapshot stream of it is still open\\)`),
+      );
     } finally {
       await img.close();
     }
@@ -97,10 +103,39 @@ describe.skipIf(vmMissing)('locking against a running QEMU', () => {
     const path = await work.image({ sizeBytes: 16 << 20 });
     await withPausedVm({ ramMiB: 32, image: path }, async () => {
       await expect(openImage(path)).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+      await expect(openImage(path)).rejects.toThrow(/locked: process \d+ \(qemu-system-x86, a running QEMU\)/);
       await expect(openImage(path, { readOnly: true })).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
     });
     const img = await openImage(path);
     await img.close();
+  });
+
+  it('reads an image a running QEMU holds with { readOnly: true, forceShare: true }, as qemu-img -U does', async () => {
+    const { withPausedVm } = await import('../helpers/qemu.js');
+    const { pipeline } = await import('node:stream/promises');
+    const { fromChunks, pseudoRandom, sha256 } = await import('../helpers/streams.js');
+    const path = await work.image({ sizeBytes: 16 << 20 });
+    const vmstate = pseudoRandom(700_001, 12);
+    const writer = await openImage(path);
+    try {
+      await pipeline(fromChunks([vmstate]), writer.createSnapshotStream('before-boot'));
+    } finally {
+      await writer.close();
+    }
+    await withPausedVm({ ramMiB: 32, image: path }, async () => {
+      await expect(openImage(path, { readOnly: true })).rejects.toMatchObject({ code: 'IMAGE_LOCKED' });
+      const img = await openImage(path, { readOnly: true, forceShare: true });
+      try {
+        expect(img.snapshots().map((s) => s.name)).toEqual(['before-boot']);
+        const chunks: Buffer[] = [];
+        for await (const chunk of img.createVmStateReadStream('before-boot')) chunks.push(chunk as Buffer);
+        expect(sha256(chunks)).toBe(sha256(vmstate));
+        await expect(img.deleteSnapshot('before-boot')).rejects.toMatchObject({ code: 'IMAGE_READ_ONLY' });
+      } finally {
+        await img.close();
+      }
+      expect((await qemuImg.snapshotList(path, { forceShare: true })).map((s) => s.name)).toEqual(['before-boot']);
+    });
   });
 
   it('makes QEMU refuse to start on an image snapstream holds for writing', async () => {

@@ -22,7 +22,7 @@ import { privateBuild, REPO } from './private-build.js';
 
 const execFileAsync = promisify(execFile);
 /** The codes a refusal may carry: the damage is in the image, not in the caller or the OS. */
-const REFUSAL_CODES = new Set(['QCOW2_CORRUPT', 'QCOW2_UNSUPPORTED']);
+const REFUSAL_CODES = new Set(['QCOW2_CORRUPT', 'QCOW2_UNSUPPORTED', 'NOT_QCOW2', 'IMAGE_DIRTY']);
 /** Generous per-operation bound: a valid open of these images takes milliseconds. */
 const OP_TIMEOUT_MS = 10_000;
 /** The brief's bound for the open path on the worst inputs, Node's own ~45 MiB included. */

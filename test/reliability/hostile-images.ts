@@ -128,6 +128,11 @@ function u64(seed: SeedImage, offset: number, value: bigint | number): Buffer {
   return b;
 }
 
+/** A feature that allows listing only: a read-only open may accept it, a write must refuse it. */
+function listOnly(name: string, bytes: Buffer): HostileCase {
+  return { name, stage: 'save', bytes };
+}
+
 function orFeature(seed: SeedImage, bit: bigint): Buffer {
   const b = copy(seed);
   b.writeBigUInt64BE(b.readBigUInt64BE(H.incompatibleFeatures) | bit, H.incompatibleFeatures);
@@ -153,9 +158,10 @@ function headerCases(seed: SeedImage): HostileCase[] {
     open('cluster_bits 0xffffffff', u32(seed, H.clusterBits, 0xffffffff)),
     open('size 2^63 (beyond any file)', u64(seed, H.size, 1n << 63n)),
     open('size 2^53 (the active L1 is far too small for it)', u64(seed, H.size, 1n << 53n)),
-    open('crypt_method 1 (AES)', u32(seed, H.cryptMethod, 1)),
-    open('crypt_method 2 (LUKS)', u32(seed, H.cryptMethod, 2)),
-    open('crypt_method 0xffffffff', u32(seed, H.cryptMethod, 0xffffffff)),
+    // Listed read-only, as qemu-img snapshot -l does; refused for writing (QCOW2_UNSUPPORTED).
+    listOnly('crypt_method 1 (AES)', u32(seed, H.cryptMethod, 1)),
+    listOnly('crypt_method 2 (LUKS)', u32(seed, H.cryptMethod, 2)),
+    listOnly('crypt_method 0xffffffff', u32(seed, H.cryptMethod, 0xffffffff)),
     open('backing file name 0xffffffff bytes long', (() => {
       const b = u64(seed, H.backingFileOffset, seed.headerLength + 64);
       b.writeUInt32BE(0xffffffff, H.backingFileSize);
@@ -196,9 +202,9 @@ function headerCases(seed: SeedImage): HostileCase[] {
       // Reading a dirty image is safe (QEMU does it); writing through stale refcounts is not.
     { name: 'the dirty bit (lazy refcounts not replayed)', stage: 'save', bytes: orFeature(seed, 1n << 0n) },
       open('the corrupt bit', orFeature(seed, 1n << 1n)),
-      open('an external data file', orFeature(seed, 1n << 2n)),
+      listOnly('an external data file', orFeature(seed, 1n << 2n)),
       open('the compression type bit with compression_type zlib', orFeature(seed, 1n << 3n)),
-      open('extended L2 entries', orFeature(seed, 1n << 4n)),
+      listOnly('extended L2 entries', orFeature(seed, 1n << 4n)),
       open('unknown incompatible bit 5', orFeature(seed, 1n << 5n)),
       open('unknown incompatible bit 63', orFeature(seed, 1n << 63n)),
       open('the bitmaps autoclear bit without a bitmaps extension', u64(seed, H.autoclearFeatures, 1n)),

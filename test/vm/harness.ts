@@ -31,6 +31,8 @@ export interface VmSpec {
   incoming?: boolean;
   /** Name for the sockets (several VMs may share a dir). */
   tag?: string;
+  /** More QEMU arguments (e.g. a gdbstub chardev). */
+  extraArgs?: string[];
 }
 
 export interface TestVm {
@@ -69,6 +71,7 @@ export function vmArgs(spec: VmSpec, testSocket: string, snapSocket: string): st
   });
   if (spec.running !== true) args.push('-S');
   if (spec.incoming === true) args.push('-incoming', 'defer');
+  if (spec.extraArgs !== undefined) args.push(...spec.extraArgs);
   return args;
 }
 

@@ -9,7 +9,7 @@ export function registerDelete(program: Command, ctx: CliContext): void {
     .command('delete')
     .description('delete an internal snapshot of a qcow2 image')
     .argument('<IMAGE>', 'qcow2 image (must not be in use by a running QEMU)')
-    .argument('<NAME>', 'snapshot name or id')
+    .argument('<NAME>', 'snapshot name (as qemu-img snapshot -d and delvm take it)')
     .option('-q, --quiet', 'print nothing on success')
     .action(async (image: string, name: string, flags: { quiet?: boolean }) => {
       ctx.image = image;
@@ -17,17 +17,18 @@ export function registerDelete(program: Command, ctx: CliContext): void {
       // From the open on, a signal waits: before the delete it stops it, once
       // started the delete (one atomic header write) completes.
       const waitForUs = ctx.interrupts.onInterrupt(() => undefined);
+      let deleted: { id: string; name: string };
       try {
         const img = await openImage(image);
         try {
           ctx.interrupts.throwIfInterrupted();
-          await img.deleteSnapshot(name);
+          deleted = await img.deleteSnapshot(name);
         } finally {
           await img.close();
         }
       } finally {
         waitForUs();
       }
-      if (flags.quiet !== true) process.stderr.write(`deleted snapshot '${name}' from ${image}\n`);
+      if (flags.quiet !== true) process.stderr.write(`deleted snapshot ${deleted.id} '${deleted.name}' from ${image}\n`);
     });
 }

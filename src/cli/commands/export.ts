@@ -8,7 +8,7 @@
  */
 import type { Command } from 'commander';
 import { pipeline } from 'node:stream/promises';
-import { createSnapshotStream, ErrorCode, openImage, SnapshotError, type Image, type SnapshotInfo } from '../api.js';
+import { createSnapshotStream, openImage, type SnapshotInfo } from '../api.js';
 import type { CliContext } from '../context.js';
 import { refuseNonImagePath } from '../image-path.js';
 import { addQuietFlag } from '../options.js';
@@ -17,45 +17,36 @@ import { ByteCounter, copySequential, targetKind } from '../sequential.js';
 import { formatBytes, formatRate } from '../size.js';
 import { STDIO } from '../stdio.js';
 
-/** The snapshot export would read, by name first, then by id. */
-function findSnapshot(img: Image, nameOrId: string): SnapshotInfo | undefined {
-  return img.snapshots().find((s) => s.name === nameOrId) ?? img.snapshots().find((s) => String(s.id) === nameOrId);
-}
-
 export function registerExport(program: Command, ctx: CliContext): void {
   const cmd = program
     .command('export')
     .description("write a snapshot's saved vmstate to a file, a device or stdout")
     .argument('<IMAGE>', 'qcow2 image')
-    .argument('<NAME>', 'snapshot name or id')
-    .argument('[FILE]', "destination; '-' or nothing is stdout", STDIO);
+    .argument('<NAME>', 'snapshot name (as loadvm takes it)')
+    .argument('[FILE]', "destination; '-' or nothing is stdout", STDIO)
+    .option('-U, --force-share', "read without QEMU's image lock, like qemu-img -U (a running VM may change the image meanwhile)");
   addQuietFlag(cmd).addHelpText(
     'after',
     `
 Examples:
   snapstream export disk.qcow2 snap1 state.bin
-  snapstream export disk.qcow2 snap1 - | sha256sum`,
+  snapstream export disk.qcow2 snap1 - | sha256sum
+  snapstream export -U running-vm.qcow2 snap1 state.bin`,
   );
-  cmd.action(async (image: string, name: string, file: string, flags: { quiet?: boolean }) => {
+  cmd.action(async (image: string, name: string, file: string, flags: { quiet?: boolean; forceShare?: boolean }) => {
     ctx.image = image;
     refuseNonImagePath(image);
     const kind = targetKind(file);
     const started = process.hrtime.bigint();
-    const img = await openImage(image, { readOnly: true });
+    const img = await openImage(image, { readOnly: true, forceShare: flags.forceShare === true });
     let bytes: number;
     let entry: SnapshotInfo | undefined;
     try {
-      entry = findSnapshot(img, name);
-      if (entry !== undefined && Number(entry.vmStateSize) === 0) {
-        throw new SnapshotError(
-          ErrorCode.SNAPSHOT_DISK_ONLY,
-          `snapshot '${entry.name}' (id ${entry.id}) of '${image}' is disk-only: it has no saved VM state to export`,
-          { path: image },
-        );
-      }
-      const totalBytes = entry === undefined ? undefined : Number(entry.vmStateSize);
+      // A disk-only snapshot is refused here (SNAPSHOT_DISK_ONLY), before any output file exists.
       const source = img.createVmStateReadStream(name);
-      const run = { interrupts: ctx.interrupts, source, label: `export ${name}`, quiet: flags.quiet, totalBytes };
+      entry = source.snapshot;
+      const totalBytes = entry.vmStateSize;
+      const run = { interrupts: ctx.interrupts, source, label: `export ${entry.id} '${entry.name}'`, quiet: flags.quiet, totalBytes };
       bytes = kind === 'seekable' ? await exportToFile(run, file) : await copySequential(run, file);
     } finally {
       await img.close();

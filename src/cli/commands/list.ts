@@ -7,6 +7,7 @@ import { openImage, type SnapshotInfo } from '../api.js';
 import type { CliContext } from '../context.js';
 import { refuseNonImagePath } from '../image-path.js';
 import { formatBytes } from '../size.js';
+import { markLiveHalves, renderLiveTable } from './list-live.js';
 
 /** The JSON shape of one snapshot; vmClockNs is a decimal string because it may exceed 2^53. */
 export interface SnapshotJson {
@@ -84,7 +85,8 @@ export function registerList(program: Command, ctx: CliContext): void {
     .argument('<IMAGE>', 'qcow2 image')
     .option('--json', 'print a JSON array (vmClockNs is a decimal string)')
     .option('-U, --force-share', "read without QEMU's image lock, like qemu-img -U (the image may change meanwhile)")
-    .action(async (image: string, flags: { json?: boolean; forceShare?: boolean }) => {
+    .option('--state-image <FILE>', "a live savevm's state image: marks each disk-only snapshot as the half of a live snapshot (vmstate there) or not")
+    .action(async (image: string, flags: { json?: boolean; forceShare?: boolean; stateImage?: string }) => {
       ctx.image = image;
       refuseNonImagePath(image);
       const img = await openImage(image, { readOnly: true, forceShare: flags.forceShare === true });
@@ -93,6 +95,11 @@ export function registerList(program: Command, ctx: CliContext): void {
         rows = img.snapshots().map(snapshotJson);
       } finally {
         await img.close();
+      }
+      if (flags.stateImage !== undefined) {
+        const marked = await markLiveHalves(rows, flags.stateImage, flags.forceShare === true);
+        process.stdout.write(flags.json === true ? `${JSON.stringify(marked, null, 2)}\n` : renderLiveTable(marked));
+        return;
       }
       process.stdout.write(flags.json === true ? `${JSON.stringify(rows, null, 2)}\n` : renderTable(rows));
     });

@@ -15,7 +15,8 @@ export function registerLoadVm(program: Command, ctx: CliContext): void {
     .argument('<NAME>', 'snapshot name or id (on every writable disk)')
     .option('--resume', 'start the guest afterwards (default: as the snapshot recorded)')
     .option('--no-resume', 'leave the guest paused afterwards')
-    .option('--vmstate-disk <DISK>', 'disk (device, node name or path) that holds the vmstate');
+    .option('--vmstate-disk <DISK>', 'disk (device, node name or path) that holds the vmstate')
+    .option('--state-image <FILE>', 'a live snapshot: the state image that holds its vmstate (the disks hold disk-only halves)');
   addVmFlags(cmd).addHelpText(
     'after',
     `
@@ -26,7 +27,7 @@ Example:
   qemu-system-x86_64 ... -incoming defer -qmp unix:/run/vm1.qmp,server=on,wait=off &
   snapstream loadvm --qmp /run/vm1.qmp nightly`,
   );
-  cmd.action(async (name: string, flags: VmFlags & { resume?: boolean; vmstateDisk?: string }) => {
+  cmd.action(async (name: string, flags: VmFlags & { resume?: boolean; vmstateDisk?: string; stateImage?: string }) => {
     const vm = await connectVm(flags.qmp);
     const line = liveLine(`loadvm ${name}`, flags.quiet === true || flags.json === true);
     try {
@@ -35,6 +36,7 @@ Example:
           signal,
           resume: flags.resume,
           vmstateDisk: flags.vmstateDisk,
+          stateImage: flags.stateImage,
           onProgress: ({ bytes, elapsedMs }) => line.update(bytes, elapsedMs, 'elapsed'),
         }),
       );

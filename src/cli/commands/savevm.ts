@@ -62,18 +62,24 @@ export function registerSaveVm(program: Command, ctx: CliContext): void {
     .command('savevm')
     .description('savevm of a running or paused QEMU over QMP: every writable qcow2 disk, the vmstate in the first')
     .argument('<NAME>', 'name of the new snapshot (must not exist)')
-    .option('--vmstate-disk <DISK>', 'disk (device, node name or path) that takes the vmstate');
+    .option('--vmstate-disk <DISK>', 'disk (device, node name or path) that takes the vmstate')
+    .option('--live', 'live checkpoint: the guest runs on while its RAM is saved (milliseconds of downtime); needs --state-image')
+    .option('--state-image <FILE>', 'with --live: qcow2 file for the vmstate (created if missing; no QEMU may have it open)');
   addVmFlags(cmd).addHelpText(
     'after',
     `
 The VM is stopped from 'stop' until the snapshot is committed, then resumed if it was running.
 A paused VM stays paused, in QEMU's 'postmigrate' state: 'cont' it before the next savevm.
 
+With --live the VM is stopped only while QEMU takes disk-only snapshots of its disks and
+write-protects its RAM; the vmstate goes to the state image (docs/live-checkpoint.md).
+
 Examples:
   snapstream savevm --qmp /run/vm1.qmp nightly
+  snapstream savevm --live --state-image /var/lib/vm1/state.qcow2 --qmp /run/vm1.qmp hourly
   snapstream savevm --qmp /run/vm1.qmp --json nightly`,
   );
-  cmd.action(async (name: string, flags: VmFlags & { vmstateDisk?: string }) => {
+  cmd.action(async (name: string, flags: VmFlags & { vmstateDisk?: string; live?: boolean; stateImage?: string }) => {
     const vm = await connectVm(flags.qmp);
     const line = liveLine(`savevm ${name}`, flags.quiet === true || flags.json === true);
     try {
@@ -81,6 +87,7 @@ Examples:
         vm.savevm(name, {
           signal,
           vmstateDisk: flags.vmstateDisk,
+          ...(flags.live === true || flags.stateImage !== undefined ? { live: flags.live === true, stateImage: flags.stateImage } : {}),
           onProgress: ({ bytes, downtimeMs }) => line.update(bytes, downtimeMs, 'downtime'),
         }),
       );
@@ -90,7 +97,8 @@ Examples:
         process.stderr.write(
           `saved snapshot '${name}' (${result.disks.length} disk${result.disks.length === 1 ? '' : 's'}): ` +
             `${formatBytes(result.vmStateBytes)} of vmstate at ${formatRate(result.rateBytesPerSec)}, ` +
-            `downtime ${(result.downtimeMs / 1000).toFixed(2)} s; VM ${result.status}\n`,
+            `downtime ${result.live === true ? `${result.downtimeMs.toFixed(1)} ms` : `${(result.downtimeMs / 1000).toFixed(2)} s`}; VM ${result.status}` +
+            `${result.stateImage === undefined ? '' : `; vmstate in ${result.stateImage.path}`}\n`,
         );
       }
     } finally {

@@ -1,5 +1,7 @@
 /**
- * Who holds an image's QEMU lock bytes, for the IMAGE_LOCKED hint.
+ * Who holds an image's QEMU lock bytes, so that IMAGE_LOCKED can name them:
+ * this process (another Image or stream still open on the file), a QEMU,
+ * another snapstream.
  *
  * OFD locks show pid -1 in /proc/locks, so the holder is found the other
  * way round: /proc/PID/fdinfo/FD lists the locks taken through that open
@@ -46,7 +48,7 @@ function readComm(pid: number): string {
   }
 }
 
-/** Processes other than this one holding QEMU lock bytes on `path`. */
+/** Processes holding QEMU lock bytes on `path` (this one included: its other open Images and streams). */
 export function findLockHolders(path: string): LockHolder[] {
   let fileKey: string;
   try {
@@ -64,7 +66,6 @@ export function findLockHolders(path: string): LockHolder[] {
   }
   for (const name of pids) {
     const pid = Number(name);
-    if (pid === process.pid) continue;
     let fds: string[];
     try {
       fds = readdirSync(`/proc/${pid}/fdinfo`);
@@ -88,7 +89,9 @@ export function findLockHolders(path: string): LockHolder[] {
 }
 
 /** What kind of program a holder is, in words. */
-export function describeHolder(comm: string): string {
+export function describeHolder(holder: LockHolder): string {
+  const { comm } = holder;
+  if (holder.pid === process.pid) return 'this process: another Image or snapshot stream of it is still open';
   if (comm.startsWith('qemu-system')) return 'a running QEMU';
   if (comm.startsWith('qemu-img') || comm.startsWith('qemu-io') || comm.startsWith('qemu-nbd')) return `a ${comm} process`;
   if (comm === 'node' || comm.startsWith('snapstream')) return 'another snapstream (or Node.js program)';
