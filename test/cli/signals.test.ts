@@ -255,6 +255,20 @@ describe.skipIf(skip !== undefined)('signals stop the CLI cleanly at every phase
       }
     });
 
+    it(`create --preallocation full, ${sig} while it writes: exit ${code}, no half-made image`, async () => {
+      const path = join(dir.path, `c-${++n}.qcow2`);
+      const child = spawnBin(['create', path, '4G', '--preallocation', 'full']);
+      await waitUntil('the image is growing', () => sizeOf(path) > 0 || child.proc.exitCode !== null);
+      child.proc.kill(sig);
+      const exit = await child.exited;
+      if (exit.code === 0) {
+        expect((await qemuImg.check(path)).exitCode).toBe(0); // it finished before the signal
+      } else {
+        expectSignalExit(exit, sig, code, `create/${sig}`);
+        expect(existsSync(path), 'the file it created is removed').toBe(false);
+      }
+    });
+
     it(`delete, ${sig} once the image is open: exit ${code} or done; the snapshot is there or gone, the image clean`, async () => {
       const img = await image();
       const child = spawnBin(['delete', img.path, 'earlier']);

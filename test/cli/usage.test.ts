@@ -66,7 +66,7 @@ describe('snapstream usage', () => {
     const r = await runBin(['write', '/nonexistent-dir/x.raw', '--buffer-size', '1000'], { input: '' });
     expect(r.code).toBe(2);
     expect(errLines(r)[0]).toBe(
-      'snapstream: USAGE: Expected a positive multiple of the alignment (4096) for --buffer-size, received 1000',
+      "snapstream: USAGE: option '--buffer-size <size>' argument '1000' is invalid. Expected a multiple of 4096 from 4K to 256M, received '1000'",
     );
   });
 

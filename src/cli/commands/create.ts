@@ -51,15 +51,21 @@ export function registerCreate(program: Command, ctx: CliContext): void {
     const slow = flags.preallocation === 'falloc' || flags.preallocation === 'full';
     const progress = createProgress({ label: 'create', totalBytes: slow ? sizeBytes : undefined, quiet: flags.quiet || !slow });
     const timer = slow ? setInterval(() => progress.update(allocatedBytes(image)), POLL_MS) : undefined;
+    // A signal aborts the creation; createImage then removes the file it made.
+    const abort = ctx.interrupts.abortSignal();
     try {
       await createImage(image, {
         size: sizeBytes,
         clusterSize: flags.clusterSize,
         version: flags.compat === '0.10' ? 2 : 3,
         preallocation: flags.preallocation,
+        signal: abort.signal,
       });
       progress.update(Math.min(sizeBytes, allocatedBytes(image)));
+    } catch (err) {
+      throw abort.signal.aborted ? (abort.signal.reason as Error) : err;
     } finally {
+      abort.dispose();
       if (timer !== undefined) clearInterval(timer);
       progress.stop();
     }
