@@ -30,7 +30,7 @@ cleanup() { if [ -n "${ASAN_KEEP:-}" ]; then echo "asan: kept $work" >&2; else r
 trap cleanup EXIT
 
 # The package, minus build outputs; node_modules is shared read-only.
-cp -r binding.gyp package.json tsconfig.json tsconfig.build.json vitest.config.ts src native test "$work"/
+cp -r binding.gyp package.json tsconfig.json tsconfig.build.json vitest.config.ts bin src native test "$work"/
 ln -s "$root/node_modules" "$work/node_modules"
 cd "$work"
 
