@@ -278,7 +278,7 @@ describe.skipIf(qemuMissing)('qcow2 save (QEMU savevm semantics)', () => {
     const img = await openImage(path);
     try {
       const { baseOffset } = await img.beginSave('bounded');
-      const save = (img as unknown as { _save: { tx: { reservationBytes(bytes: number): number } } })._save.tx;
+      const save = (img as unknown as { _saves: { session: { tx: { reservationBytes(bytes: number): number } } } })._saves.session.tx;
       const bound = save.reservationBytes(vmstate.length);
       const file = await TargetFile.open(img.path, { write: true, create: false, direct: false });
       try {
