@@ -15,17 +15,13 @@
  *
  *   node bench/live.js [--reps N] [--ram 1024,4096]
  */
-import { spawn, spawnSync } from 'node:child_process';
-import { createCipheriv } from 'node:crypto';
-import { createWriteStream, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { performance } from 'node:perf_hooks';
-import { pipeline } from 'node:stream/promises';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectVm } from '../dist/index.js';
-import { QmpClient } from '../dist/vm/qmp.js';
+import { hmpTimed, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const RESULTS_DIR = join(BENCH_DIR, 'results');
@@ -35,68 +31,12 @@ const MiB = 1 << 20;
 const DOWNTIME_TARGET_MS = 20;
 const RATE_TARGET = 0.8;
 
-async function writeRandomFile(path, bytes) {
-  const cipher = createCipheriv('aes-128-ctr', Buffer.alloc(16, 9), Buffer.alloc(16));
-  const zeros = Buffer.alloc(4 * MiB);
-  async function* chunks() {
-    for (let done = 0; done < bytes; done += zeros.length) yield cipher.update(zeros);
-  }
-  await pipeline(chunks(), createWriteStream(path));
-}
-
-let count = 0;
-async function startQemu({ ramMiB, memFile, image, incoming }) {
-  const tag = `l${++count}`;
-  const test = join(TMP_DIR, `${tag}-test.qmp`);
-  const snap = join(TMP_DIR, `${tag}-snap.qmp`);
-  const backend = memFile === undefined ? `memory-backend-ram,id=mem0,size=${ramMiB}M` : `memory-backend-file,id=mem0,size=${ramMiB}M,mem-path=${memFile},share=off`;
-  const args = ['-machine', 'pc,memory-backend=mem0', '-object', backend, '-display', 'none', '-nodefaults', '-accel', 'tcg', '-S',
-    '-qmp', `unix:${test},server=on,wait=off`, '-qmp', `unix:${snap},server=on,wait=off`];
-  if (image !== undefined) args.push('-drive', `file=${image},format=qcow2,if=none,id=drive0,node-name=disk0,cache=none`);
-  if (incoming !== undefined) args.push('-incoming', incoming);
-  const child = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'inherit'] });
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  let qmp;
-  for (let i = 0; ; i++) {
-    try {
-      qmp = await QmpClient.connect(test, { timeoutMs: 2000 });
-      break;
-    } catch (err) {
-      if (i > 100) throw err;
-      await sleep(50);
-    }
-  }
-  return {
-    qmp,
-    snapSocket: snap,
-    hmp: (line) => qmp.execute('human-monitor-command', { 'command-line': line }, { timeoutMs: 900_000 }),
-    async quit() {
-      await qmp.execute('quit').catch(() => undefined);
-      await Promise.race([exited, sleep(5000)]);
-      child.kill('SIGKILL');
-      await exited;
-      qmp.close();
-    },
-  };
-}
-
-async function waitMigration(qmp, timeoutMs = 600_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'completed') return;
-    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`migration ${info.status}: ${info['error-desc']}`);
-    if (Date.now() > deadline) throw new Error('migration timed out');
-    await sleep(20);
-  }
-}
-
 /** A running VM with random bytes in its anonymous RAM. */
 async function randomRamVm(ramMiB, image) {
   const memFile = join(TMP_DIR, 'ram.bin');
   const stream = join(TMP_DIR, 'ram.stream');
   await writeRandomFile(memFile, ramMiB * MiB);
-  const source = await startQemu({ ramMiB, memFile });
+  const source = await startQemu({ tmpDir: TMP_DIR, ramMiB, memFile });
   try {
     await source.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 50 });
     await source.qmp.execute('migrate', { uri: `exec:cat > ${stream}` });
@@ -105,19 +45,12 @@ async function randomRamVm(ramMiB, image) {
     await source.quit();
     rmSync(memFile, { force: true });
   }
-  const vm = await startQemu({ ramMiB, image, incoming: 'defer' });
+  const vm = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, incoming: 'defer' });
   await vm.qmp.execute('migrate-incoming', { uri: `exec:cat ${stream}` });
   await waitMigration(vm.qmp);
   rmSync(stream, { force: true });
   await vm.qmp.execute('cont');
   return vm;
-}
-
-async function hmpTimed(vm, line) {
-  const t = performance.now();
-  const out = await vm.hmp(line);
-  if (out.trim() !== '') throw new Error(`HMP ${line}: ${out}`);
-  return performance.now() - t;
 }
 
 async function measure(vm, rep, ramMiB) {
@@ -146,11 +79,6 @@ async function measure(vm, rep, ramMiB) {
   return sample;
 }
 
-function stats(values) {
-  const sorted = [...values].sort((a, b) => a - b);
-  return { min: sorted[0], median: sorted[Math.floor((sorted.length - 1) / 2)], max: sorted[sorted.length - 1] };
-}
-
 export async function runLiveBench({ reps = 3, sizes = [1024, 4096] } = {}) {
   const probe = spawnSync('qemu-system-x86_64', ['--version']);
   if (probe.status !== 0) {
@@ -176,7 +104,7 @@ export async function runLiveBench({ reps = 3, sizes = [1024, 4096] } = {}) {
         await vm.quit();
         rmSync(image, { force: true });
       }
-      const summary = Object.fromEntries(Object.keys(samples[0]).map((k) => [k, stats(samples.map((s) => s[k]))]));
+      const summary = Object.fromEntries(Object.keys(samples[0]).map((k) => [k, spread(samples.map((s) => s[k]))]));
       for (const [k, s] of Object.entries(summary)) console.log(`    ${k.padEnd(22)} min ${s.min.toFixed(1)} / median ${s.median.toFixed(1)} / max ${s.max.toFixed(1)}`);
       const downtime = summary.liveDowntimeMs.median;
       const rate = summary.liveRateMBs.median / summary.nonLiveRateMBs.median;

@@ -20,8 +20,7 @@
  *
  *   node bench/vm.js [--reps N] [--ram MiB]
  */
-import { spawn, spawnSync } from 'node:child_process';
-import { createCipheriv } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
 import { createWriteStream, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -30,7 +29,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectVm, openImage } from '../dist/index.js';
-import { QmpClient } from '../dist/vm/qmp.js';
+import { hmpTimed, qemuAvailable, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const RESULTS_DIR = join(BENCH_DIR, 'results');
@@ -44,78 +43,8 @@ export const VM_TARGETS = [
   { name: 'loadvm <= 1.15 x -incoming from a cached file', measure: (m) => m.loadOurs / m.incoming, threshold: 1.15 },
 ];
 
-function qemuAvailable() {
-  const probe = spawnSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' });
-  return probe.status === 0 ? undefined : 'qemu-system-x86_64 not found';
-}
-
-async function writeRandomFile(path, bytes) {
-  const cipher = createCipheriv('aes-128-ctr', Buffer.alloc(16, 7), Buffer.alloc(16));
-  const zeros = Buffer.alloc(4 * MiB);
-  const out = createWriteStream(path);
-  async function* chunks() {
-    for (let done = 0; done < bytes; done += zeros.length) yield cipher.update(zeros);
-  }
-  await pipeline(chunks(), out);
-}
-
-let vmCount = 0;
-async function startQemu({ ramMiB, memFile, image, running, incoming }) {
-  const tag = `q${++vmCount}`;
-  const test = join(TMP_DIR, `${tag}-test.qmp`);
-  const snap = join(TMP_DIR, `${tag}-snap.qmp`);
-  const backend = memFile === undefined ? `memory-backend-ram,id=mem0,size=${ramMiB}M` : `memory-backend-file,id=mem0,size=${ramMiB}M,mem-path=${memFile},share=off`;
-  const args = ['-machine', 'pc,memory-backend=mem0', '-object', backend, '-display', 'none', '-nodefaults', '-accel', 'tcg',
-    '-qmp', `unix:${test},server=on,wait=off`, '-qmp', `unix:${snap},server=on,wait=off`,
-    '-drive', `file=${image},format=qcow2,if=none,id=drive0,node-name=disk0,cache=none`];
-  if (!running) args.push('-S');
-  if (incoming) args.push('-incoming', 'defer');
-  const child = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'ignore', 'inherit'] });
-  const exited = new Promise((resolve) => child.once('exit', resolve));
-  let qmp;
-  for (let i = 0; ; i++) {
-    try {
-      qmp = await QmpClient.connect(test, { timeoutMs: 2000 });
-      break;
-    } catch (err) {
-      if (i > 100) throw err;
-      await sleep(50);
-    }
-  }
-  return {
-    qmp,
-    snapSocket: snap,
-    hmp: (line) => qmp.execute('human-monitor-command', { 'command-line': line }, { timeoutMs: 900_000 }),
-    async quit() {
-      await qmp.execute('quit').catch(() => undefined);
-      await Promise.race([exited, sleep(5000)]);
-      child.kill('SIGKILL');
-      await exited;
-      qmp.close();
-    },
-  };
-}
-
-async function waitMigration(qmp, timeoutMs = 120_000) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const info = await qmp.execute('query-migrate');
-    if (info.status === 'completed') return;
-    if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`migration ${info.status}: ${info['error-desc']}`);
-    if (Date.now() > deadline) throw new Error('migration timed out');
-    await sleep(5);
-  }
-}
-
-async function hmpTimed(vm, line) {
-  const t = performance.now();
-  const out = await vm.hmp(line);
-  if (out.trim() !== '') throw new Error(`HMP ${line}: ${out}`);
-  return performance.now() - t;
-}
-
 async function saveSide(rep, ramMiB, memFile, image) {
-  const vm = await startQemu({ ramMiB, memFile, image, running: true });
+  const vm = await startQemu({ tmpDir: TMP_DIR, ramMiB, memFile, image, running: true });
   const sample = {};
   try {
     await sleep(300);
@@ -146,7 +75,7 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   await pipeline(img.createVmStateReadStream(`ours-${rep}`), createWriteStream(stateFile));
   await img.close();
   readFileSync(stateFile);
-  const target = await startQemu({ ramMiB, image, running: true, incoming: true });
+  const target = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: true, incoming: 'defer' });
   try {
     const snap = await connectVm(target.snapSocket);
     sample.loadOurs = (await snap.loadvm(`ours-${rep}`, { resume: true })).durationMs;
@@ -154,13 +83,13 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   } finally {
     await target.quit();
   }
-  const hmpVm = await startQemu({ ramMiB, image, running: false });
+  const hmpVm = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: false });
   try {
     sample.loadHmp = await hmpTimed(hmpVm, `loadvm ours-${rep}`);
   } finally {
     await hmpVm.quit();
   }
-  const incoming = await startQemu({ ramMiB, image, running: false, incoming: true });
+  const incoming = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: false, incoming: 'defer' });
   try {
     const t = performance.now();
     await incoming.qmp.execute('migrate-incoming', { uri: `exec:cat ${stateFile}` });
@@ -169,11 +98,6 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   } finally {
     await incoming.quit();
   }
-}
-
-function stats(values) {
-  const sorted = [...values].sort((a, b) => a - b);
-  return { min: sorted[0], median: sorted[Math.floor((sorted.length - 1) / 2)], max: sorted[sorted.length - 1] };
 }
 
 export async function runVmBench({ reps = 3, ramMiB = 1024 } = {}) {
@@ -202,7 +126,7 @@ export async function runVmBench({ reps = 3, ramMiB = 1024 } = {}) {
     rmSync(TMP_DIR, { recursive: true, force: true });
   }
   const keys = Object.keys(samples[0]);
-  const summary = Object.fromEntries(keys.map((k) => [k, stats(samples.map((s) => s[k]))]));
+  const summary = Object.fromEntries(keys.map((k) => [k, spread(samples.map((s) => s[k]))]));
   console.log('  seconds (min / median / max):');
   for (const k of keys) console.log(`    ${k.padEnd(9)} ${['min', 'median', 'max'].map((s) => (summary[k][s] / 1000).toFixed(2)).join(' / ')}`);
   const medians = Object.fromEntries(keys.map((k) => [k, summary[k].median]));
