@@ -94,7 +94,7 @@ export class HandoffSave {
    * anything allocated meanwhile reaches it.
    */
   async openForCommit(): Promise<Image> {
-    // Without the write-open scrub: it would cut the vmstate, which lies past the image end until the commit.
+    // Without the scrub before the first write: it would cut the vmstate, which lies past the image end until the commit.
     const image = await Image.open(this.path, { readOnly: false, forceShare: false }, { scrub: false });
     try {
       await image.beginSave(this.name, { alignment: this._data.alignment, baseOffset: this.baseOffset });

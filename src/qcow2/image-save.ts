@@ -223,7 +223,7 @@ export class SaveTransaction implements SaveReservation {
    * vmstate cannot be read back), and the file is truncated back to its old
    * length. Once the header write was issued it may have reached the disk:
    * the file is left alone (the new clusters are then either in use or free,
-   * never leaked; the next write-open discards free clusters).
+   * never leaked; the next write discards free clusters).
    */
   async abort(): Promise<void> {
     if (this._phase === 'committed' || this._phase === 'aborted') return;

@@ -15,7 +15,7 @@
  * keeps its old meaning), waits for the operation running, and refuses what
  * was still waiting with IMAGE_CLOSED.
  */
-import { ErrorCode, isSnapshotError, SnapshotError } from '../errors.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
 import { TargetFile } from '../io/target-file.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { validatePath, validatePowerOfTwo, validateSnapshotName, validateSnapshotRef, type PathLike } from '../validate.js';
@@ -23,6 +23,7 @@ import { checkImage, type CheckResult } from './check.js';
 import { scrubFreeSpace, spaceReport } from './space.js';
 import type { WritePiece } from '../stream/sink.js';
 import type { MetaFile } from './file.js';
+import type { RefcountStore } from './refcount.js';
 import { deleteSnapshotAt } from './image-delete.js';
 import { revertToSnapshotAt } from './image-revert.js';
 import { refuseNewSnapshot, SaveTransaction, type SaveMetadata, type SaveReservation } from './image-save.js';
@@ -57,8 +58,8 @@ const DEFAULT_OPEN: OpenImageConfig = { readOnly: false, forceShare: false };
 /** @internal */
 export interface WriteOpenOptions {
   /**
-   * Discard free clusters and cut the unreferenced tail at a write-open
-   * (space.ts scrubFreeSpace). Default true. The savevm hand-off opens with
+   * Discard free clusters and cut the unreferenced tail before the first
+   * write of this opening (space.ts scrubFreeSpace). Default true. The savevm hand-off opens with
    * false: its vmstate lies past the image end, unreferenced until it commits.
    */
   scrub?: boolean;
@@ -77,6 +78,8 @@ export class Image {
   private readonly _saves = new SaveSlot(this._ops);
   private readonly _exports = new OpenExports();
   private _closing: Promise<void> | undefined;
+  /** The first write of this opening discards free clusters first (refcountsForWrite). */
+  private _scrubPending = false;
 
   private constructor(path: string, readOnly: boolean, state: ImageState, locks: LockPlan | undefined) {
     this.path = path;
@@ -99,7 +102,7 @@ export class Image {
     try {
       const { state, locks } = await openImageState(file, config);
       const image = new Image(file.path, config.readOnly, state, locks);
-      if (!config.readOnly && writeOpen.scrub !== false) await image.scrubFreeSpace();
+      image._scrubPending = !config.readOnly && writeOpen.scrub !== false;
       return image;
     } catch (err) {
       await file.close().catch(() => undefined);
@@ -148,7 +151,7 @@ export class Image {
       this.assertWritable();
       const index = findByName(this._state.snapshots, name);
       this._exports.refuseDelete(this._state.snapshots[index]!, this.path);
-      const rc = await this._meta.refcountsForWrite();
+      const rc = await this.refcountsForWrite();
       return this._meta.writing(async () => toSnapshotInfo(await deleteSnapshotAt(this._state, rc, index)));
     });
   }
@@ -163,7 +166,7 @@ export class Image {
     return this.exclusive(async () => {
       this.assertWritable();
       const index = findByIdThenName(this._state.snapshots, idOrName);
-      const rc = await this._meta.refcountsForWrite();
+      const rc = await this.refcountsForWrite();
       return this._meta.writing(async () => toSnapshotInfo(await revertToSnapshotAt(this._state, rc, index)));
     });
   }
@@ -190,7 +193,7 @@ export class Image {
         this.assertWritable();
         refuseNewSnapshot(this._state.snapshots, name);
         const begin = { alignmentBytes: alignment, chunkBytes: options.chunkBytes, expectedBytes: options.expectedBytes, atOffset: options.baseOffset };
-        return SaveTransaction.begin(this._state, await this._meta.refcountsForWrite(), name, begin);
+        return SaveTransaction.begin(this._state, await this.refcountsForWrite(), name, begin);
       });
     return this._saves.begin(reserve, options.cancel).then((tx) => ({ baseOffset: tx.baseOffset, maxLength: tx.maxLength }));
   }
@@ -262,19 +265,20 @@ export class Image {
   }
 
   /**
-   * At a write-open: free clusters that still hold bytes (a crash between a
-   * commit and its discard, or during a save's data phase) are discarded,
-   * and the unreferenced tail is cut. Only on an image that checks
-   * consistent: an inconsistent one is refused at its first write instead.
+   * The refcounts for a write (ImageMetadata.refcountsForWrite: checked for
+   * consistency the first time). The first write of an opening also discards
+   * the free clusters that still hold bytes (a crash between a commit and its
+   * discard, or during a save's data phase) and cuts the unreferenced tail:
+   * only once the image has checked consistent, and only for an operation
+   * that passed its own refusals, so a refused operation changes no byte.
    */
-  private async scrubFreeSpace(): Promise<void> {
-    try {
-      await this._meta.refcountsForWrite();
-    } catch (err) {
-      if (isSnapshotError(err, ErrorCode.QCOW2_CORRUPT) || isSnapshotError(err, ErrorCode.QCOW2_UNSUPPORTED)) return;
-      throw err;
+  private async refcountsForWrite(): Promise<RefcountStore> {
+    const rc = await this._meta.refcountsForWrite();
+    if (this._scrubPending) {
+      this._scrubPending = false;
+      await scrubFreeSpace(this._state);
     }
-    await scrubFreeSpace(this._state);
+    return rc;
   }
 
   private assertOpen(): void {

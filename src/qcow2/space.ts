@@ -4,7 +4,7 @@
  *   - reclaim(): after a save or delete has committed, every cluster it freed
  *     is discarded (discard.ts), and free clusters at the end of the file are
  *     truncated away, so the file length follows the data.
- *   - scrubFreeSpace(): at a write-open, every free cluster that still holds
+ *   - scrubFreeSpace(): before the first write of an opening, every free cluster that still holds
  *     bytes is discarded, and the unreferenced tail past the image end is cut.
  *     A crash between a commit and its discard, or during a save's data
  *     phase, leaves readable free clusters; this closes that window.
@@ -49,10 +49,10 @@ export async function freedBy(rc: RefcountStore, committedFree: readonly Cluster
   return newlyFree(committedFree, after, state);
 }
 
-/** Reports a discard that failed after a commit: the operation stands, the next write-open retries. */
+/** Reports a discard that failed after a commit: the operation stands, the next write retries. */
 function warnDiscard(state: ImageState, err: unknown): void {
   const message = err instanceof Error ? err.message : String(err);
-  process.emitWarning(`could not discard freed clusters of '${state.file.path}': ${message}; the next write-open retries`, {
+  process.emitWarning(`could not discard freed clusters of '${state.file.path}': ${message}; the next write retries`, {
     code: 'SNAPSTREAM_DISCARD_FAILED',
   });
 }
@@ -62,7 +62,7 @@ function warnDiscard(state: ImageState, err: unknown): void {
  * last cluster in use (a save still streaming cannot run beside it: the
  * image's operation queue holds deletes until the save ends).
  * `rc` holds the committed refcounts. Never throws: a failure only leaves
- * free clusters with their old bytes, which the next write-open discards.
+ * free clusters with their old bytes, which the next write discards.
  */
 export async function reclaim(state: ImageState, rc: RefcountStore, freed: readonly ByteExtent[]): Promise<void> {
   try {
@@ -74,7 +74,7 @@ export async function reclaim(state: ImageState, rc: RefcountStore, freed: reado
       state.fileSizeBytes = end;
     }
     // No fdatasync: the filesystem's journal makes holes and length durable within seconds, and a
-    // crash before that leaves only free clusters with old bytes, which the next write-open discards.
+    // crash before that leaves only free clusters with old bytes, which the next write discards.
     // (One sync per save costs more than the rest of a small save; see test/qcow2/save.test.ts.)
   } catch (err) {
     warnDiscard(state, err);
@@ -82,7 +82,7 @@ export async function reclaim(state: ImageState, rc: RefcountStore, freed: reado
 }
 
 /**
- * At a write-open of a consistent image: discards what free clusters still
+ * Before the first write of an opening, on a consistent image: discards what free clusters still
  * hold and cuts the tail past the image end. Returns the bytes discarded.
  */
 export async function scrubFreeSpace(state: ImageState): Promise<number> {

@@ -112,7 +112,11 @@ describe.skipIf(skip !== undefined)('snapstream qcow2 commands', () => {
     expect(ours.imageEndOffset).toBe(theirs['image-end-offset']);
     expect(ours.totalClusters).toBe(theirs['total-clusters']);
     const plain = await runBin(['check', image]);
-    expect(plain.stdout.toString()).toBe(`No errors were found on the image ${image}.\n`);
+    const [verdict, ...space] = plain.stdout.toString().split('\n');
+    expect(verdict).toBe(`No errors were found on the image ${image}.`);
+    // Then the space report (docs/space.md), its image end as qemu-img's.
+    expect(space[0]).toMatch(new RegExp(`^Space: file length \\d+ bytes, \\d+ allocated on disk, image end ${theirs['image-end-offset']}\\.$`));
+    expect(space[1]).toMatch(/^Free clusters: \d+ bytes \(0 still holding data, not discarded\)/);
   });
 
   it('export to stdout carries only the vmstate: piped into a hash, it matches', async () => {

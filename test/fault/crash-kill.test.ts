@@ -34,7 +34,7 @@
  *   - a fresh save into the same image works, after which qemu-img check
  *     is clean again, and no sample of a vmstate that is not in the image
  *     (a deleted 'doomed', an interrupted 'new') can be found in the file:
- *     the write-open discarded what the kill left readable.
+ *     the fresh save (the next write) discarded what the kill left readable.
  *
  * Before the shadow commit, about 1 kill in 600 left a live refcount block
  * with refcount 0 and about 1 in 10 left OFLAG_COPIED mismatches (QEMU's own
@@ -284,7 +284,7 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
     return { present, doomedPresent, check: outcome };
   }
 
-  /** After the next write-open: no sample of a vmstate the image no longer holds is left in the file. */
+  /** After the next write (the fresh save): no sample of a vmstate the image no longer holds is left in the file. */
   async function verifyNoRemanence(path: string, label: string, gone: Buffer[]): Promise<void> {
     const bytes = await readFile(path);
     for (const data of gone) {
@@ -419,7 +419,7 @@ describe.skipIf(skip !== undefined)('a saver killed with SIGKILL at a random mom
       expect(tally.inCommit, 'kills that interrupted the commit').toBeGreaterThanOrEqual(Math.floor(TRIALS / 6));
       expect(tally.inDelete, 'kills that interrupted the delete').toBeGreaterThanOrEqual(Math.floor(TRIALS / 6));
     },
-    // About 5 s a trial on a quiet machine; beside other test files on a loaded one, 3x that.
+    // Each trial now also deletes and searches the image for remanence: ~6 s per trial per lane under load.
     120_000 + TRIALS * 12_000,
   );
 });
