@@ -109,7 +109,14 @@ export class Ring {
     if (this._state[index] !== IN_FLIGHT || this._inFlight <= 0) err ??= internalError('a completed buffer was IN_FLIGHT');
     this._state[index] = FREE;
     this._inFlight = Math.max(0, this._inFlight - 1);
-    if (err === undefined) this._tuner.completed(this._submittedBytes[index] as number, this._inFlight);
+    if (err === undefined) {
+      try {
+        this._tuner.completed(this._submittedBytes[index] as number, this._inFlight);
+      } catch (thrown) {
+        // The tuner changes the target's depth: a failure there fails this write, never escapes.
+        err = toSnapshotError(thrown);
+      }
+    }
     this._done(this._logicalBytes[index] as number, err);
     if (this._inFlight === 0) {
       for (const wake of this._idleWaiters.splice(0)) wake();

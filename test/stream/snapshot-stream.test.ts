@@ -309,3 +309,44 @@ describe('createSnapshotStream refuses bad input with coded errors', () => {
     expect(err.code).toBe('ABORTED');
   });
 });
+
+describe('a failure inside the write path', () => {
+  it('fails the stream (no finish, no unhandled rejection) when the target throws while the depth tuner changes its depth', async () => {
+    // What a stale addon without setConcurrency did: the throw escaped a promise
+    // reaction, and the stream still emitted 'finish' with a truncated file.
+    const { TargetFile } = await import('../../src/io/target-file.js');
+    const original = TargetFile.prototype.setConcurrency;
+    const unhandled: unknown[] = [];
+    const onUnhandled = (reason: unknown): void => {
+      unhandled.push(reason);
+    };
+    process.on('unhandledRejection', onUnhandled);
+    TargetFile.prototype.setConcurrency = function broken(): void {
+      throw new TypeError('this._native.setConcurrency is not a function');
+    };
+    try {
+      const path = join(dir.path, 'tuner-throws.bin');
+      // 16 MiB buffers; the tuner changes depth after an 8 MiB warm-up and a 32 MiB probe.
+      const data = pseudoRandom(160 * MiB, 77);
+      const out = createSnapshotStream(path, { bufferSize: 4 * MiB, buffers: 3 });
+      let finished = false;
+      out.on('finish', () => {
+        finished = true;
+      });
+      const err = await pipeline(fromChunks(chunked(data, () => 1 * MiB)), out).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      await sleep(50);
+      expect(err).toBeInstanceOf(SnapshotError);
+      expect((err as SnapshotError).message).toMatch(/setConcurrency/);
+      expect(finished).toBe(false);
+      expect(unhandled).toEqual([]);
+      // A file this stream created does not survive its failure.
+      await expect(stat(path)).rejects.toMatchObject({ code: 'ENOENT' });
+    } finally {
+      TargetFile.prototype.setConcurrency = original;
+      process.off('unhandledRejection', onUnhandled);
+    }
+  });
+});
