@@ -12,6 +12,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, SnapshotError } from '../../src/index.js';
+import { failure } from '../helpers/failure.js';
 import { DEFAULT_BUFFERS } from '../../src/stream/options.js';
 import { chunked, fromChunks, pseudoRandom, sha256 } from '../helpers/streams.js';
 import { findTool, isRoot, runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
@@ -33,15 +34,6 @@ async function freshDir(): Promise<string> {
   const path = join(dir.path, `case-${counter++}`);
   await mkdir(path);
   return path;
-}
-
-async function failure(promise: Promise<unknown>): Promise<SnapshotError> {
-  const err = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(SnapshotError);
-  return err as SnapshotError;
 }
 
 /** Every name in `path`, hidden ones included, recursively. */

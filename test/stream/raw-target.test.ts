@@ -11,6 +11,7 @@ import { PassThrough } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, SnapshotError } from '../../src/index.js';
+import { failure } from '../helpers/failure.js';
 import { fromChunks, pseudoRandom } from '../helpers/streams.js';
 import { requireTool, run, runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
 import { assertBuilt, BIN, REPO_DIR } from '../cli/bin-harness.js';
@@ -26,15 +27,6 @@ beforeAll(async () => {
   dir = await tmpDir('raw-target');
 });
 afterAll(async () => dir?.cleanup());
-
-async function failure(promise: Promise<unknown>): Promise<SnapshotError> {
-  const err = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(SnapshotError);
-  return err as SnapshotError;
-}
 
 /** A stream held after its first MiB is on disk; finish() sends the rest. */
 async function heldWriter(path: string, data: Buffer): Promise<{ finish(): Promise<void> }> {
