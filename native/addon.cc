@@ -1,6 +1,8 @@
 // Module entry: the NativeFile class and the aligned-window helper.
 #include <napi.h>
 
+#include <unistd.h>
+
 #include <cstdint>
 
 #include "file.h"
@@ -32,6 +34,9 @@ Napi::Value AlignmentSkip(const Napi::CallbackInfo& info) {
 static Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeFile", snapstream::NativeFile::Init(env));
   exports.Set("alignmentSkip", Napi::Function::New(env, snapstream::AlignmentSkip));
+  // The MMU page size: I/O buffers start on a page boundary (see src/io/alignment.ts).
+  long page = sysconf(_SC_PAGESIZE);
+  exports.Set("pageSize", Napi::Number::New(env, page > 0 ? static_cast<double>(page) : 4096.0));
   return exports;
 }
 

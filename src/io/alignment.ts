@@ -15,6 +15,17 @@ export const DEFAULT_ALIGNMENT = 4096;
 /** The largest alignment we accept from the kernel; anything larger is suspect. */
 export const MAX_ALIGNMENT = 1 << 20;
 
+/**
+ * The MMU page size. Buffers for direct I/O start on a page boundary even
+ * where the kernel accepts less (ext4 reports a 512-byte memory alignment):
+ * a buffer that starts mid-page makes every page of a large write straddle
+ * two, one more page per request and no segment on a page boundary. On a
+ * virtio disk measured here that cost more than half the write rate: 4 MiB
+ * O_DIRECT writes of new blocks took 23 ms from a 512-aligned buffer and
+ * 7 ms from a page-aligned one, the same file system, file and sizes.
+ */
+export const PAGE_BYTES = isPowerOfTwo(addon.pageSize) && addon.pageSize <= MAX_ALIGNMENT ? addon.pageSize : DEFAULT_ALIGNMENT;
+
 /** Filesystems that accept O_DIRECT opens but keep the data in page cache. */
 const PAGE_CACHE_ONLY_FS = new Map<number, string>([
   [0x01021994, 'tmpfs'], // tmpfs gained "trivial" O_DIRECT in Linux 6.6: still page cache
@@ -51,6 +62,11 @@ export function directAlignment(facts: OpenFacts): DirectAlignment {
   if (!isPowerOfTwo(offsetBytes) || offsetBytes > MAX_ALIGNMENT) offsetBytes = DEFAULT_ALIGNMENT;
   if (!isPowerOfTwo(memoryBytes) || memoryBytes > MAX_ALIGNMENT) memoryBytes = DEFAULT_ALIGNMENT;
   return { offsetBytes, memoryBytes };
+}
+
+/** Address alignment of a buffer for direct I/O: what the kernel requires, and at least a page. */
+export function ioBufferAlignment(memoryBytes: number, offsetBytes: number): number {
+  return Math.max(memoryBytes, offsetBytes, PAGE_BYTES);
 }
 
 export function alignUp(value: number, alignment: number): number {

@@ -62,6 +62,8 @@ export interface NativeFileHandle {
 interface Addon {
   NativeFile: new (threads: number) => NativeFileHandle;
   alignmentSkip(buffer: ArrayBuffer, alignment: number): number;
+  /** sysconf(_SC_PAGESIZE). */
+  pageSize: number;
 }
 
 // The package root is two levels above src/io and dist/io alike. node-gyp-build

@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { ErrorCode, SnapshotError, errnoError } from '../errors.js';
 import { addon, type Completion, type LockFacts, type NativeFileHandle, type OpenFacts, type StatFacts } from './native.js';
-import { allocAligned, allocAlignedUninitialized, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason } from './alignment.js';
+import { allocAligned, allocAlignedUninitialized, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason, ioBufferAlignment } from './alignment.js';
 
 export type DirectMode = boolean | 'auto';
 export type LockKind = 'read' | 'write' | 'unlock';
@@ -163,14 +163,14 @@ export class TargetFile {
     return this._closed;
   }
 
-  /** A zeroed buffer aligned for this file's direct I/O. */
+  /** A zeroed buffer aligned for this file's direct I/O (on a page boundary at least, see PAGE_BYTES). */
   allocBuffer(length: number): Uint8Array {
-    return allocAligned(length, Math.max(this.memoryAlignment, this.alignment, 1));
+    return allocAligned(length, ioBufferAlignment(this.memoryAlignment, this.alignment));
   }
 
   /** An aligned buffer whose bytes are not initialised: the caller overwrites all of them. */
   allocBufferUninitialized(length: number): Uint8Array {
-    return allocAlignedUninitialized(length, Math.max(this.memoryAlignment, this.alignment, 1));
+    return allocAlignedUninitialized(length, ioBufferAlignment(this.memoryAlignment, this.alignment));
   }
 
   /** Writes all of `buffer` at `position`, or rejects with a coded error. */
