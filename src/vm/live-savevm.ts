@@ -127,13 +127,14 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     run.guard?.step('resumed');
     const downtimeMs = resumedAt - run.stoppedAt;
     run.downtimeMs = downtimeMs;
-    const downtimePhases = { stopMs: stoppedMs - run.stoppedAt, diskSnapshotsMs: snapshotsMs - stoppedMs, writeTrackingMs: resumedAt - snapshotsMs };
+    const downtimePhases: NonNullable<SaveVmResult['downtimePhases']> = { stopMs: stoppedMs - run.stoppedAt, diskSnapshotsMs: snapshotsMs - stoppedMs, writeTrackingMs: resumedAt - snapshotsMs };
     progress(run, 'stream', 0);
     const vmStateBytes = await received;
     const final = await waitMigrationFinal(qmp, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
       throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `the background snapshot ended '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}`);
     }
+    if (typeof final.downtime === 'number') downtimePhases.qemuPauseMs = final.downtime;
     if (run.options.signal?.aborted === true) throw abortedError();
     const streamMs = performance.now() - resumedAt;
     progress(run, 'commit', vmStateBytes);

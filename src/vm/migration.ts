@@ -22,6 +22,8 @@ export interface MigrationStatus {
   status: string;
   'error-desc'?: string;
   ram?: { transferred?: number; total?: number };
+  /** Milliseconds QEMU itself held the guest stopped (a background snapshot: from its own stop to its resume). */
+  downtime?: number;
 }
 
 const FINAL = new Set(['completed', 'failed', 'cancelled']);

@@ -78,8 +78,14 @@ export interface SaveVmResult {
    * the disk-only snapshots (each a qcow2 metadata update and flush), and from
    * `migrate` until write tracking is on and the VM runs (QEMU populates and
    * write-protects the page tables of guest RAM).
+   *
+   * `qemuPauseMs` is the part of `writeTrackingMs` that QEMU itself counts as
+   * its background snapshot's downtime (query-migrate `downtime`: from its own
+   * stop to its resume; device state and write protection). The rest of
+   * `writeTrackingMs` is QEMU's setup, which reads every page of guest RAM
+   * first. See docs/live-checkpoint.md, "Where the downtime goes".
    */
-  downtimePhases?: { stopMs: number; diskSnapshotsMs: number; writeTrackingMs: number };
+  downtimePhases?: { stopMs: number; diskSnapshotsMs: number; writeTrackingMs: number; qemuPauseMs?: number };
   stateImage?: { path: string; vmStateBytes: number; created: boolean };
 }
 

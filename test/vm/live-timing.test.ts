@@ -75,6 +75,11 @@ describe.skipIf(skip !== undefined)('live savevm: downtime', () => {
       // Margin 50 ms: two QMP round trips on a loaded 2-core host.
       expect(result.downtimeMs).toBeGreaterThanOrEqual(eventsMs - 1);
       expect(result.downtimeMs - eventsMs).toBeLessThan(50);
+      // QEMU's own share (query-migrate 'downtime', whole ms on QEMU's clock) lies inside our window.
+      const phases = result.downtimePhases!;
+      expect(typeof phases.qemuPauseMs).toBe('number');
+      expect(phases.qemuPauseMs!).toBeGreaterThanOrEqual(0);
+      expect(phases.qemuPauseMs!).toBeLessThanOrEqual(phases.writeTrackingMs + 1);
       expect(await vm.status()).toBe('running');
     } finally {
       await vm.quit();
