@@ -25,7 +25,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectVm } from '../dist/index.js';
-import { hmpTimed, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
+import { hmpTimed, settle, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const RESULTS_DIR = join(BENCH_DIR, 'results');
@@ -92,7 +92,10 @@ async function measure(vm, rep, ramMiB) {
       await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] });
     }
   };
-  for (const step of rep % 2 === 0 ? [live, qemuAlone, nonLive, hmp] : [hmp, nonLive, qemuAlone, live]) await step();
+  for (const step of rep % 2 === 0 ? [live, qemuAlone, nonLive, hmp] : [hmp, nonLive, qemuAlone, live]) {
+    await settle();
+    await step();
+  }
   return sample;
 }
 

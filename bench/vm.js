@@ -29,7 +29,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { connectVm, openImage } from '../dist/index.js';
-import { hmpTimed, qemuAvailable, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
+import { hmpTimed, qemuAvailable, settle, spread, startQemu, syncFile, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const RESULTS_DIR = join(BENCH_DIR, 'results');
@@ -49,14 +49,17 @@ async function saveSide(rep, ramMiB, memFile, image) {
   try {
     await sleep(300);
     const ours = async () => {
+      await settle();
       const snap = await connectVm(vm.snapSocket);
       sample.saveOurs = (await snap.savevm(`ours-${rep}`)).downtimeMs;
       await snap.close();
     };
     const hmp = async () => {
+      await settle();
       sample.saveHmp = await hmpTimed(vm, `savevm hmp-${rep}`);
     };
     for (const step of rep % 2 === 0 ? [ours, hmp] : [hmp, ours]) await step();
+    await settle();
     const t = performance.now();
     await vm.qmp.execute('stop');
     await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 50 });
@@ -74,9 +77,11 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   const img = await openImage(image, { readOnly: true });
   await pipeline(img.createVmStateReadStream(`ours-${rep}`), createWriteStream(stateFile));
   await img.close();
+  syncFile(stateFile);
   readFileSync(stateFile);
   const target = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: true, incoming: 'defer' });
   try {
+    await settle();
     const snap = await connectVm(target.snapSocket);
     sample.loadOurs = (await snap.loadvm(`ours-${rep}`, { resume: true })).durationMs;
     await snap.close();
@@ -85,12 +90,14 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   }
   const hmpVm = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: false });
   try {
+    await settle();
     sample.loadHmp = await hmpTimed(hmpVm, `loadvm ours-${rep}`);
   } finally {
     await hmpVm.quit();
   }
   const incoming = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: false, incoming: 'defer' });
   try {
+    await settle();
     const t = performance.now();
     await incoming.qmp.execute('migrate-incoming', { uri: `exec:cat ${stateFile}` });
     await waitMigration(incoming.qmp);

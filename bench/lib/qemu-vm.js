@@ -6,7 +6,7 @@
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
-import { createWriteStream } from 'node:fs';
+import { closeSync, createWriteStream, fsyncSync, openSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { pipeline } from 'node:stream/promises';
@@ -31,6 +31,28 @@ export async function writeRandomFile(path, bytes) {
     for (let done = 0; done < bytes; done += zeros.length) yield cipher.update(zeros);
   }
   await pipeline(chunks(), createWriteStream(path));
+  syncFile(path);
+}
+
+/** fsync(2) of a file written through the page cache, so its writeback cannot overlap a timed phase. */
+export function syncFile(path) {
+  const fd = openSync(path, 'r+');
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
+ * Before every timed phase: write back whatever is dirty (a 1 GiB state file
+ * written just before would otherwise be flushed during the next case and
+ * slow it by a second or more here), then a short pause for the discards of
+ * deleted files, as bench/run.js's settleDisk does for the throughput cases.
+ */
+export async function settle() {
+  spawnSync('sync');
+  await sleep(500);
 }
 
 let vmCount = 0;
