@@ -56,6 +56,8 @@ export interface Outcome {
 
 export interface LoopOptions<I> {
   seconds: number;
+  /** Stop after this many executions of new inputs too: a budget that does not depend on the machine's speed. */
+  maxExecutions?: number;
   seed: number;
   /** Coverage to be guided by; undefined runs blind. */
   coverage: BlockCoverage | undefined;
@@ -140,7 +142,8 @@ export async function runLoop<I>(options: LoopOptions<I>): Promise<LoopStats<I>>
     for (const e of corpus) await options.execute(e.input);
     coverage.collect();
   }
-  while (!stop && performance.now() < deadline) {
+  const maxExecutions = options.maxExecutions ?? Number.POSITIVE_INFINITY;
+  while (!stop && stats.executions < maxExecutions && performance.now() < deadline) {
     const parent = pickEntry(rng, corpus, options.initial.length);
     parent.picks++;
     const child = options.mutate(rng, parent.input, () => rng.pick(corpus).input);
