@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, openImage } from '../../src/index.js';
-import { killAllVms, makeRandomMemFile, sha256File, withPausedVm } from '../helpers/qemu.js';
+import { killAllVms, makeKnownRamStream, makeRandomMemFile, sha256File, withPausedVm } from '../helpers/qemu.js';
 import { qemuImg, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
 
 const RAM_MIB = 64;
@@ -27,12 +27,7 @@ describe.skipIf(skip !== undefined)('QEMU and snapstream taking turns on one ima
 
   beforeAll(async () => {
     dir = await tmpDir('mixed');
-    memFile = join(dir.path, 'ram.bin');
-    streamFile = join(dir.path, 'stream.bin');
-    memHash = await makeRandomMemFile(memFile, RAM_BYTES, 5150);
-    await withPausedVm({ ramMiB: RAM_MIB, memFile }, async (vm) => {
-      expect((await vm.migrateToFile(streamFile)).status).toBe('completed');
-    });
+    ({ memFile, memHash, streamFile } = await makeKnownRamStream(dir.path, RAM_MIB, 5150));
     streamBytes = (await stat(streamFile)).size;
   });
 

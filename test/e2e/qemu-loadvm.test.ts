@@ -11,7 +11,7 @@ import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createImage, createSnapshotStream, openImage } from '../../src/index.js';
-import { killAllVms, makeRandomMemFile, sha256File, withPausedVm } from '../helpers/qemu.js';
+import { killAllVms, makeKnownRamStream, makeRandomMemFile, sha256File, withPausedVm } from '../helpers/qemu.js';
 import { sha256OfFile } from '../helpers/streams.js';
 import { qemuImg, qemuIo, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
 
@@ -32,14 +32,8 @@ describe.skipIf(skip !== undefined)('QEMU loadvm of a migration stream saved by 
 
   beforeAll(async () => {
     dir = await tmpDir('e2e-loadvm');
-    memFile = join(dir.path, 'ram.bin');
-    streamFile = join(dir.path, 'migration.bin');
-    memHash = await makeRandomMemFile(memFile, RAM_BYTES, 4242);
     // VM A: known RAM, no drive (it must not hold the image we save into).
-    await withPausedVm({ ramMiB: RAM_MIB, memFile }, async (vm) => {
-      const status = await vm.migrateToFile(streamFile);
-      expect(status.status).toBe('completed');
-    });
+    ({ memFile, memHash, streamFile } = await makeKnownRamStream(dir.path, RAM_MIB, 4242, 'migration.bin'));
   });
 
   afterAll(async () => {

@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, openImage } from '../../src/index.js';
-import { killAllVms, makeRandomMemFile, sha256File, startPausedVm, withPausedVm } from '../helpers/qemu.js';
+import { killAllVms, makeKnownRamStream, makeRandomMemFile, sha256File, startPausedVm, withPausedVm } from '../helpers/qemu.js';
 import { qemuImg, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
 
 const RAM_MIB = 128;
@@ -50,12 +50,7 @@ describe.skipIf(skip !== undefined)('rolling snapshots against QEMU savevm/delvm
 
   beforeAll(async () => {
     dir = await tmpDir('rolling');
-    memFile = join(dir.path, 'ram.bin');
-    streamFile = join(dir.path, 'stream.bin');
-    memHash = await makeRandomMemFile(memFile, RAM_BYTES, 1010);
-    await withPausedVm({ ramMiB: RAM_MIB, memFile }, async (vm) => {
-      expect((await vm.migrateToFile(streamFile)).status).toBe('completed');
-    });
+    ({ memFile, memHash, streamFile } = await makeKnownRamStream(dir.path, RAM_MIB, 1010));
   });
 
   afterAll(async () => {

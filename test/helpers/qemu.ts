@@ -323,6 +323,28 @@ async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<Migrati
 
 // ---------------------------------------------------------------- known RAM
 
+/**
+ * A migration stream of known content: `<dir>/ram.bin` gets `ramMiB` of
+ * seeded random bytes, and a paused VM with that RAM (and no drive, so it
+ * holds no image) migrates into `<dir>/<streamName>`. Returns both paths
+ * and the RAM's sha256, the reference a restored guest is compared with.
+ */
+export async function makeKnownRamStream(
+  dir: string,
+  ramMiB: number,
+  seed: number,
+  streamName = 'stream.bin',
+): Promise<{ memFile: string; memHash: string; streamFile: string }> {
+  const memFile = join(dir, 'ram.bin');
+  const streamFile = join(dir, streamName);
+  const memHash = await makeRandomMemFile(memFile, ramMiB << 20, seed);
+  await withPausedVm({ ramMiB, memFile }, async (vm) => {
+    const status = await vm.migrateToFile(streamFile);
+    if (status.status !== 'completed') throw new Error(`the migration into ${streamFile} ended '${status.status}'`);
+  });
+  return { memFile, memHash, streamFile };
+}
+
 /** Bytes generated per write; large enough to amortise, small enough to not matter. */
 const MEM_FILE_CHUNK_BYTES = 4 << 20;
 
