@@ -24,8 +24,9 @@ import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { SETTLE_VM_MS, settleDisk } from './lib/settle.js';
 import { connectVm } from '../dist/index.js';
-import { hmpTimed, settle, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
+import { hmpTimed, spread, startQemu, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const RESULTS_DIR = join(BENCH_DIR, 'results');
@@ -93,7 +94,7 @@ async function measure(vm, rep, ramMiB) {
     }
   };
   for (const step of rep % 2 === 0 ? [live, qemuAlone, nonLive, hmp] : [hmp, nonLive, qemuAlone, live]) {
-    await settle();
+    await settleDisk(SETTLE_VM_MS);
     await step();
   }
   return sample;

@@ -25,6 +25,7 @@ import { formatBytes, median, MiB } from './lib/stats.js';
 import { renderSvg } from './lib/svg.js';
 import { createWorkload, PAIR_BYTES, workloadOfSize } from './lib/workload.js';
 import { TARGETS } from './targets.js';
+import { settleDisk } from './lib/settle.js';
 import { runLiveBench } from './live.js';
 import { runVmBench } from './vm.js';
 
@@ -194,19 +195,6 @@ async function runOnce(c, workload, state, rep, hashes) {
   }
 }
 
-/**
- * After a 1 GiB file is deleted, a filesystem mounted with `discard` (as the
- * work disk here is) sends the device discards for its blocks after the next
- * journal commit, and those compete with the next writer. Measured here,
- * without settling, (f) against (g) swung between 0.55x and 1.0x depending
- * on which writer ran after a delete; with `sync` and a short pause both
- * measure within a few percent of each other. Every writer gets the same pause.
- */
-const SETTLE_MS = Number(process.env.BENCH_SETTLE_MS ?? 1000);
-async function settleDisk() {
-  spawnSync('sync');
-  await new Promise((resolve) => setTimeout(resolve, SETTLE_MS));
-}
 
 /** Compares the file with the page stream by SHA-256 (the stream's hash is computed once per size). */
 async function verify(c, path, workload, hashes) {

@@ -28,8 +28,9 @@ import { pipeline } from 'node:stream/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { SETTLE_VM_MS, settleDisk } from './lib/settle.js';
 import { connectVm, openImage } from '../dist/index.js';
-import { hmpTimed, qemuAvailable, settle, spread, startQemu, syncFile, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
+import { hmpTimed, qemuAvailable, spread, startQemu, syncFile, waitMigration, writeRandomFile } from './lib/qemu-vm.js';
 
 const BENCH_DIR = dirname(fileURLToPath(import.meta.url));
 const RESULTS_DIR = join(BENCH_DIR, 'results');
@@ -49,17 +50,17 @@ async function saveSide(rep, ramMiB, memFile, image) {
   try {
     await sleep(300);
     const ours = async () => {
-      await settle();
+      await settleDisk(SETTLE_VM_MS);
       const snap = await connectVm(vm.snapSocket);
       sample.saveOurs = (await snap.savevm(`ours-${rep}`)).downtimeMs;
       await snap.close();
     };
     const hmp = async () => {
-      await settle();
+      await settleDisk(SETTLE_VM_MS);
       sample.saveHmp = await hmpTimed(vm, `savevm hmp-${rep}`);
     };
     for (const step of rep % 2 === 0 ? [ours, hmp] : [hmp, ours]) await step();
-    await settle();
+    await settleDisk(SETTLE_VM_MS);
     const t = performance.now();
     await vm.qmp.execute('stop');
     await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 50 });
@@ -81,7 +82,7 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   readFileSync(stateFile);
   const target = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: true, incoming: 'defer' });
   try {
-    await settle();
+    await settleDisk(SETTLE_VM_MS);
     const snap = await connectVm(target.snapSocket);
     sample.loadOurs = (await snap.loadvm(`ours-${rep}`, { resume: true })).durationMs;
     await snap.close();
@@ -90,14 +91,14 @@ async function loadSide(rep, ramMiB, image, stateFile, sample) {
   }
   const hmpVm = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: false });
   try {
-    await settle();
+    await settleDisk(SETTLE_VM_MS);
     sample.loadHmp = await hmpTimed(hmpVm, `loadvm ours-${rep}`);
   } finally {
     await hmpVm.quit();
   }
   const incoming = await startQemu({ tmpDir: TMP_DIR, ramMiB, image, running: false, incoming: 'defer' });
   try {
-    await settle();
+    await settleDisk(SETTLE_VM_MS);
     const t = performance.now();
     await incoming.qmp.execute('migrate-incoming', { uri: `exec:cat ${stateFile}` });
     await waitMigration(incoming.qmp);

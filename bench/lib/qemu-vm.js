@@ -44,17 +44,6 @@ export function syncFile(path) {
   }
 }
 
-/**
- * Before every timed phase: write back whatever is dirty (a 1 GiB state file
- * written just before would otherwise be flushed during the next case and
- * slow it by a second or more here), then a short pause for the discards of
- * deleted files, as bench/run.js's settleDisk does for the throughput cases.
- */
-export async function settle() {
-  spawnSync('sync');
-  await sleep(500);
-}
-
 let vmCount = 0;
 
 /**
