@@ -1,6 +1,8 @@
 #include "file.h"
 
+#include <errno.h>
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -20,6 +22,13 @@ int64_t ToOffset(const Napi::Value& v, const char* what) {
     throw Napi::RangeError::New(v.Env(), std::string(what) + " must be a non-negative safe integer");
   }
   return static_cast<int64_t>(d);
+}
+
+// Milliseconds, 0..one day.
+int64_t ToTimeout(const Napi::Value& v) {
+  int64_t ms = ToOffset(v, "timeout");
+  if (ms > 86400000) throw Napi::RangeError::New(v.Env(), "timeout must be at most one day");
+  return ms;
 }
 
 void RequireFunction(const Napi::Value& v) {
@@ -53,6 +62,11 @@ Napi::Object Describe(Napi::Env env, Op* op) {
       o.Set("fsType", static_cast<double>(f.fsType));
       break;
     }
+    case OpKind::Connect:
+    case OpKind::Listen:
+    case OpKind::Accept:
+      o.Set("fd", op->openFacts.fd);
+      break;
     case OpKind::GetLock:
       o.Set("type", op->lockFacts.type);
       o.Set("pid", static_cast<double>(op->lockFacts.pid));
@@ -86,6 +100,12 @@ Napi::Function NativeFile::Init(Napi::Env env) {
                          InstanceMethod<&NativeFile::Dispose>("dispose"),
                          InstanceMethod<&NativeFile::Pending>("pending"),
                          InstanceMethod<&NativeFile::SetConcurrency>("setConcurrency"),
+                         InstanceMethod<&NativeFile::Connect>("connect"),
+                         InstanceMethod<&NativeFile::Listen>("listen"),
+                         InstanceMethod<&NativeFile::Accept>("accept"),
+                         InstanceMethod<&NativeFile::Send>("send"),
+                         InstanceMethod<&NativeFile::Recv>("recv"),
+                         InstanceMethod<&NativeFile::Shutdown>("shutdown"),
                      });
 }
 
@@ -211,6 +231,21 @@ void NativeFile::Execute(Op* op) {
     case OpKind::Close:
       op->result = CloseFile(fd);
       break;
+    case OpKind::Connect:
+      op->result = ConnectUnix(op->open.path, static_cast<int>(op->extent), &op->openFacts.fd);
+      break;
+    case OpKind::Listen:
+      op->result = ListenUnix(op->open.path, &op->openFacts.fd);
+      break;
+    case OpKind::Accept:
+      op->result = AcceptOne(fd, op->mode, static_cast<int>(op->extent), &shutdown_, &op->openFacts.fd);
+      break;
+    case OpKind::Send:
+      op->result = SendFull(fd, op->data, op->length);
+      break;
+    case OpKind::Recv:
+      op->result = RecvFull(fd, op->data, op->length);
+      break;
   }
 }
 
@@ -220,7 +255,12 @@ void NativeFile::Complete(Napi::Env env, Napi::Function, NativeFile* self, Op* o
   // The environment is torn down: `self` may be gone already, and its
   // destructor frees the Pins.
   if (env == nullptr) return;
-  if (op->kind == OpKind::Open && op->result.error == 0) self->fd_ = op->openFacts.fd;
+  if ((op->kind == OpKind::Open || op->kind == OpKind::Connect || op->kind == OpKind::Listen) && op->result.error == 0) self->fd_ = op->openFacts.fd;
+  if (op->kind == OpKind::Accept && op->result.error == 0) {
+    // One peer only: the listening socket is done, the connection takes its place.
+    if (self->fd_ >= 0) ::close(self->fd_);
+    self->fd_ = op->openFacts.fd;
+  }
   if (op->kind == OpKind::Close) self->fd_ = -1;
   if (--self->pending_ == 0 && !self->disposed_) self->tsfn_.Unref(env);
   Napi::HandleScope scope(env);
@@ -239,7 +279,7 @@ void NativeFile::Complete(Napi::Env env, Napi::Function, NativeFile* self, Op* o
 
 void NativeFile::Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback, const Napi::Value& buffer) {
   if (disposed_) throw Napi::Error::New(env, "file is disposed");
-  if (op->kind != OpKind::Open && fd_ < 0) throw Napi::Error::New(env, "file is not open");
+  if (op->kind != OpKind::Open && op->kind != OpKind::Connect && op->kind != OpKind::Listen && fd_ < 0) throw Napi::Error::New(env, "file is not open");
   op->pins = Pin(callback, buffer);
   if (pending_++ == 0) tsfn_.Ref(env);
   {
@@ -284,6 +324,79 @@ Napi::Value NativeFile::SubmitBuffer(const Napi::CallbackInfo& info, OpKind kind
 }
 
 Napi::Value NativeFile::Write(const Napi::CallbackInfo& info) { return SubmitBuffer(info, OpKind::Write); }
+
+// connect(path, timeoutMs, cb) and listen(path, cb): a unix stream socket
+// instead of a file.
+Napi::Value NativeFile::Connect(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3) throw Napi::TypeError::New(env, "connect(path, timeoutMs, cb)");
+  auto op = SocketOp(info, OpKind::Connect);
+  op->extent = ToTimeout(info[1]);
+  RequireFunction(info[2]);
+  Submit(env, std::move(op), info[2]);
+  return env.Undefined();
+}
+
+Napi::Value NativeFile::Listen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2) throw Napi::TypeError::New(env, "listen(path, cb)");
+  auto op = SocketOp(info, OpKind::Listen);
+  RequireFunction(info[1]);
+  Submit(env, std::move(op), info[1]);
+  return env.Undefined();
+}
+
+// accept(waitMs, timeoutMs, cb): the one peer of a listening socket, which
+// then replaces it; waits at most waitMs (0: until shutdown()).
+Napi::Value NativeFile::Accept(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3) throw Napi::TypeError::New(env, "accept(waitMs, timeoutMs, cb)");
+  RequireFunction(info[2]);
+  auto op = std::make_unique<Op>();
+  op->kind = OpKind::Accept;
+  op->mode = static_cast<int>(ToTimeout(info[0]));
+  op->extent = ToTimeout(info[1]);
+  Submit(env, std::move(op), info[2]);
+  return env.Undefined();
+}
+
+std::unique_ptr<Op> NativeFile::SocketOp(const Napi::CallbackInfo& info, OpKind kind) {
+  Napi::Env env = info.Env();
+  if (fd_ >= 0) throw Napi::Error::New(env, "file is already open");
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "path must be a string");
+  auto op = std::make_unique<Op>();
+  op->kind = kind;
+  op->open.path = info[0].As<Napi::String>().Utf8Value();
+  if (op->open.path.find('\0') != std::string::npos) throw Napi::TypeError::New(env, "path contains a NUL byte");
+  return op;
+}
+
+// send(buffer, cb) and recv(buffer, cb): the whole buffer, no offset.
+Napi::Value NativeFile::Send(const Napi::CallbackInfo& info) { return SubmitStream(info, OpKind::Send); }
+
+Napi::Value NativeFile::Recv(const Napi::CallbackInfo& info) { return SubmitStream(info, OpKind::Recv); }
+
+Napi::Value NativeFile::SubmitStream(const Napi::CallbackInfo& info, OpKind kind) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 2) throw Napi::TypeError::New(env, "expected (buffer, cb)");
+  RequireFunction(info[1]);
+  auto op = std::make_unique<Op>();
+  op->kind = kind;
+  op->data = ViewBytes(info[0], &op->length);
+  Submit(env, std::move(op), info[1], info[0]);
+  return env.Undefined();
+}
+
+// shutdown(): both directions of a connected socket, at once and on the JS
+// thread; a send or recv blocked in a worker returns with an error (or end of
+// stream), so a peer that stopped reading cannot hold the file forever. A
+// pending accept gives up within 100 ms (ECANCELED). Returns the errno (0 on
+// success; ENOTCONN for a listening socket, ENOTSOCK for a file).
+Napi::Value NativeFile::Shutdown(const Napi::CallbackInfo& info) {
+  shutdown_.store(true);
+  int rc = fd_ >= 0 ? ::shutdown(fd_, SHUT_RDWR) : -1;
+  return Napi::Number::New(info.Env(), rc == 0 ? 0 : (fd_ >= 0 ? errno : EBADF));
+}
 
 Napi::Value NativeFile::Read(const Napi::CallbackInfo& info) { return SubmitBuffer(info, OpKind::Read); }
 

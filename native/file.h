@@ -6,6 +6,13 @@
 // writes. Each NativeFile therefore owns its threads; completions come back to
 // the JS thread through one ThreadSafeFunction.
 //
+// The same object also carries a unix stream socket: connected to a peer
+// (connect), or listening for one (listen) and then connected to the one it
+// accepts (accept replaces the listening descriptor). send/recv have no
+// offset. QEMU's migration stream moves between the socket and aligned
+// buffers on these threads, not through JS. shutdown() wakes a send or recv
+// blocked on a peer that stopped, and ends a pending accept.
+//
 // Ordering: operations start in FIFO order on `threads` workers, at most
 // `setConcurrency(n)` of them at once (default: all threads). With more than
 // one running, two queued operations may run concurrently; the TypeScript
@@ -15,6 +22,7 @@
 
 #include <napi.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -26,7 +34,7 @@
 
 namespace snapstream {
 
-enum class OpKind { Open, Write, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close };
+enum class OpKind { Open, Write, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close, Connect, Listen, Accept, Send, Recv };
 
 // The JavaScript values an operation keeps alive: its buffer and its callback.
 // Created, reset and destroyed on the JS thread only (a Napi::Reference may
@@ -50,8 +58,8 @@ struct Op {
   uint8_t* data = nullptr;
   size_t length = 0;
   int64_t offset = 0;
-  int64_t extent = 0;  // truncate length, fallocate/lock length
-  int mode = 0;        // fallocate mode, lock type
+  int64_t extent = 0;  // truncate length, fallocate/lock length; connect, accept: stall timeout in ms
+  int mode = 0;        // fallocate mode, lock type; accept: how long to wait for the peer, ms
   Pins* pins = nullptr;  // owned by the JS thread, see Pins
   // Results, filled on the worker.
   SysResult result;
@@ -80,10 +88,18 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value Pending(const Napi::CallbackInfo& info);
   Napi::Value SetConcurrency(const Napi::CallbackInfo& info);
+  Napi::Value Connect(const Napi::CallbackInfo& info);
+  Napi::Value Listen(const Napi::CallbackInfo& info);
+  Napi::Value Accept(const Napi::CallbackInfo& info);
+  Napi::Value Send(const Napi::CallbackInfo& info);
+  Napi::Value Recv(const Napi::CallbackInfo& info);
+  Napi::Value Shutdown(const Napi::CallbackInfo& info);
 
   Napi::Value SubmitBare(const Napi::CallbackInfo& info, OpKind kind);
   Napi::Value SubmitRange(const Napi::CallbackInfo& info, OpKind kind, bool modeFirst);
   Napi::Value SubmitBuffer(const Napi::CallbackInfo& info, OpKind kind);
+  Napi::Value SubmitStream(const Napi::CallbackInfo& info, OpKind kind);
+  std::unique_ptr<Op> SocketOp(const Napi::CallbackInfo& info, OpKind kind);
   void Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback,
               const Napi::Value& buffer = Napi::Value());
   void WorkerLoop();
@@ -105,6 +121,7 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   size_t pending_ = 0;      // JS thread only
   Pins* pinned_ = nullptr;  // JS thread only: head of the list of live Pins
   bool disposed_ = false;
+  std::atomic<bool> shutdown_{false};  // set by shutdown(): a pending accept gives up
   Napi::TypedThreadSafeFunction<NativeFile, Op, Complete> tsfn_;
 };
 

@@ -3,10 +3,16 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fs.h>
+#include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/time.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
+
+#include <cstring>
 
 namespace snapstream {
 
@@ -188,6 +194,140 @@ SysResult Stat(int fd, StatFacts* facts) {
 SysResult CloseFile(int fd) {
   // close() is not retried on EINTR: on Linux the descriptor is released anyway.
   return close(fd) == 0 ? Ok() : Fail("close");
+}
+
+namespace {
+
+bool UnixAddress(const std::string& path, struct sockaddr_un* addr) {
+  addr->sun_family = AF_UNIX;
+  if (path.size() >= sizeof(addr->sun_path)) {
+    errno = ENAMETOOLONG;
+    return false;
+  }
+  std::memcpy(addr->sun_path, path.c_str(), path.size() + 1);
+  return true;
+}
+
+// SO_SNDTIMEO and SO_RCVTIMEO: a send or recv that moves nothing for this long fails with EAGAIN.
+bool SetStallTimeout(int s, int timeoutMs) {
+  if (timeoutMs <= 0) return true;
+  struct timeval tv {};
+  tv.tv_sec = timeoutMs / 1000;
+  tv.tv_usec = (timeoutMs % 1000) * 1000;
+  return setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0 && setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0;
+}
+
+}  // namespace
+
+SysResult ConnectUnix(const std::string& path, int timeoutMs, int* fd) {
+  struct sockaddr_un addr {};
+  if (!UnixAddress(path, &addr)) return Fail("connect");
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (s < 0) return Fail("socket");
+  if (!SetStallTimeout(s, timeoutMs)) {
+    SysResult r = Fail("setsockopt");
+    close(s);
+    return r;
+  }
+  int rc;
+  do {
+    rc = connect(s, reinterpret_cast<const struct sockaddr*>(&addr), sizeof addr);
+  } while (rc != 0 && errno == EINTR);
+  if (rc != 0) {
+    SysResult r = Fail("connect");
+    close(s);
+    return r;
+  }
+  *fd = s;
+  return Ok();
+}
+
+SysResult ListenUnix(const std::string& path, int* fd) {
+  struct sockaddr_un addr {};
+  if (!UnixAddress(path, &addr)) return Fail("bind");
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (s < 0) return Fail("socket");
+  if (bind(s, reinterpret_cast<const struct sockaddr*>(&addr), sizeof addr) != 0) {
+    SysResult r = Fail("bind");
+    close(s);
+    return r;
+  }
+  if (listen(s, 1) != 0) {
+    SysResult r = Fail("listen");
+    close(s);
+    return r;
+  }
+  *fd = s;
+  return Ok();
+}
+
+SysResult AcceptOne(int listenFd, int waitMs, int timeoutMs, const std::atomic<bool>* cancelled, int* fd) {
+  int waited = 0;
+  for (;;) {
+    if (cancelled->load()) {
+      errno = ECANCELED;
+      return Fail("accept");
+    }
+    if (waitMs > 0 && waited >= waitMs) {
+      errno = ETIMEDOUT;
+      return Fail("accept");
+    }
+    int slice = waitMs > 0 ? (waitMs - waited < 100 ? waitMs - waited : 100) : 100;
+    struct pollfd p {};
+    p.fd = listenFd;
+    p.events = POLLIN;
+    int n = poll(&p, 1, slice);
+    if (n < 0 && errno != EINTR) return Fail("poll");
+    if (n <= 0) {
+      waited += slice;
+      continue;
+    }
+    // shutdown() on a listening socket wakes poll, and accept then fails (EINVAL): report the cancel.
+    if (cancelled->load()) continue;
+    int c = accept4(listenFd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (c < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
+      return Fail("accept");
+    }
+    if (!SetStallTimeout(c, timeoutMs)) {
+      SysResult r = Fail("setsockopt");
+      close(c);
+      return r;
+    }
+    *fd = c;
+    return Ok();
+  }
+}
+
+SysResult SendFull(int fd, const uint8_t* data, size_t length) {
+  size_t done = 0;
+  while (done < length) {
+    ssize_t n = send(fd, data + done, length - done, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      SysResult r = Fail("send");
+      r.bytes = static_cast<int64_t>(done);
+      return r;
+    }
+    done += static_cast<size_t>(n);
+  }
+  return Ok(static_cast<int64_t>(done));
+}
+
+SysResult RecvFull(int fd, uint8_t* data, size_t length) {
+  size_t done = 0;
+  while (done < length) {
+    ssize_t n = recv(fd, data + done, length - done, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      SysResult r = Fail("recv");
+      r.bytes = static_cast<int64_t>(done);
+      return r;
+    }
+    if (n == 0) break;  // the peer closed: end of stream
+    done += static_cast<size_t>(n);
+  }
+  return Ok(static_cast<int64_t>(done));
 }
 
 }  // namespace snapstream

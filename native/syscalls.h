@@ -2,6 +2,7 @@
 // Nothing here touches JavaScript: these run on the I/O threads.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -61,5 +62,20 @@ SysResult GetLock(int fd, int64_t start, int64_t length, int type, LockFacts* fa
 SysResult SetLock(int fd, int64_t start, int64_t length, int type);
 SysResult Stat(int fd, StatFacts* facts);
 SysResult CloseFile(int fd);
+
+// Stream sockets (QEMU's migration channel). ConnectUnix opens a blocking
+// SOCK_STREAM socket to `path`; `timeoutMs` > 0 bounds every later send or
+// recv that makes no progress for that long (SO_SNDTIMEO/SO_RCVTIMEO: the call
+// fails with EAGAIN). SendFull writes every byte (never raising SIGPIPE);
+// RecvFull reads until `length` bytes or end of stream.
+SysResult ConnectUnix(const std::string& path, int timeoutMs, int* fd);
+SysResult SendFull(int fd, const uint8_t* data, size_t length);
+// ListenUnix binds a new unix stream socket at `path` (which must not exist)
+// and listens for one peer. AcceptOne waits for that peer in slices of at
+// most 100 ms, giving up when `*cancelled` turns true (ECANCELED) or after
+// `waitMs` (ETIMEDOUT); the accepted socket gets `timeoutMs` as ConnectUnix's.
+SysResult ListenUnix(const std::string& path, int* fd);
+SysResult AcceptOne(int listenFd, int waitMs, int timeoutMs, const std::atomic<bool>* cancelled, int* fd);
+SysResult RecvFull(int fd, uint8_t* data, size_t length);
 
 }  // namespace snapstream

@@ -49,15 +49,16 @@ let vmCount = 0;
 /**
  * A TCG guest. RAM from `memFile` when given (share=off), else anonymous.
  * `image` is attached with cache=none as node disk0; `incoming` is passed to
- * -incoming ('defer' or a URI); the guest starts paused unless `running`.
+ * -incoming ('defer' or a URI); the guest starts paused unless `running`;
+ * `prealloc` touches anonymous RAM at startup (memory-backend-ram prealloc=on).
  */
-export async function startQemu({ tmpDir, ramMiB, memFile, image, running = false, incoming }) {
+export async function startQemu({ tmpDir, ramMiB, memFile, image, running = false, incoming, prealloc = false }) {
   const tag = `q${++vmCount}`;
   const test = join(tmpDir, `${tag}-test.qmp`);
   const snap = join(tmpDir, `${tag}-snap.qmp`);
   const backend =
     memFile === undefined
-      ? `memory-backend-ram,id=mem0,size=${ramMiB}M`
+      ? `memory-backend-ram,id=mem0,size=${ramMiB}M${prealloc ? ',prealloc=on' : ''}`
       : `memory-backend-file,id=mem0,size=${ramMiB}M,mem-path=${memFile},share=off`;
   const args = ['-machine', 'pc,memory-backend=mem0', '-object', backend, '-display', 'none', '-nodefaults', '-accel', 'tcg',
     '-qmp', `unix:${test},server=on,wait=off`, '-qmp', `unix:${snap},server=on,wait=off`];

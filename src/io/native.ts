@@ -57,6 +57,18 @@ export interface NativeFileHandle {
   pending(): number;
   /** At most `n` operations run at once (1..threads). */
   setConcurrency(n: number): void;
+  /** A unix stream socket instead of a file; `timeoutMs` > 0 bounds each send/recv that makes no progress (EAGAIN). */
+  connect(path: string, timeoutMs: number, cb: Completion<{ fd: number }>): void;
+  /** A unix stream socket listening at `path` for one peer. */
+  listen(path: string, cb: Completion<{ fd: number }>): void;
+  /** The peer of a listening socket, which then replaces it; waits at most `waitMs` (0: until shutdown()). */
+  accept(waitMs: number, timeoutMs: number, cb: Completion<{ fd: number }>): void;
+  /** Writes all of `buffer` to the socket. */
+  send(buffer: Uint8Array, cb: Completion): void;
+  /** Reads until `buffer` is full or the peer closes; `bytes` says how many. */
+  recv(buffer: Uint8Array, cb: Completion): void;
+  /** shutdown(SHUT_RDWR) now, on this thread: a blocked send/recv returns. Returns the errno, 0 on success. */
+  shutdown(): number;
 }
 
 interface Addon {

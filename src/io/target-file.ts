@@ -6,9 +6,9 @@
  * syscall, the path and the offset. All I/O runs on the file's own native
  * threads; nothing here blocks the event loop.
  */
-import assert from 'node:assert/strict';
-import { ErrorCode, SnapshotError, errnoError } from '../errors.js';
-import { addon, type Completion, type LockFacts, type NativeFileHandle, type OpenFacts, type StatFacts } from './native.js';
+import { ErrorCode, SnapshotError } from '../errors.js';
+import { addon, type LockFacts, type NativeFileHandle, type OpenFacts, type StatFacts } from './native.js';
+import { call, closeHandle } from './native-call.js';
 import { allocAligned, allocAlignedUninitialized, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason, ioBufferAlignment } from './alignment.js';
 
 export type DirectMode = boolean | 'auto';
@@ -36,33 +36,6 @@ const LOCK_TYPES: Record<LockKind, number> = { unlock: 0, read: 1, write: 2 };
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
 export const FALLOC_FL_PUNCH_HOLE = 0x02;
-
-/** Promisifies one native call; the stack is captured at the caller. */
-function call<T = unknown>(
-  target: TargetFile | undefined,
-  syscallHint: string,
-  offset: number | undefined,
-  issue: (cb: Completion<T>) => void,
-  path?: string,
-): Promise<{ bytes: number; details: T }> {
-  const trace: { stack?: string } = {};
-  Error.captureStackTrace(trace, call);
-  return new Promise((resolve, reject) => {
-    issue((errno, bytes, syscall, details) => {
-      if (errno === 0) {
-        resolve({ bytes, details });
-        return;
-      }
-      const err = errnoError(errno, syscall || syscallHint, {
-        path: path ?? target?.path,
-        offset,
-        direct: target?.direct,
-      });
-      if (trace.stack !== undefined) err.stack = `${err.name}: ${err.message}\n${trace.stack.split('\n').slice(1).join('\n')}`;
-      reject(err);
-    });
-  });
-}
 
 export class TargetFile {
   readonly path: string;
@@ -243,13 +216,9 @@ export class TargetFile {
    */
   async close(): Promise<void> {
     if (this._closed) return;
-    assert.equal(this._native.pending(), 0, 'close() with I/O in flight');
-    this._closed = true;
-    try {
-      await call(this, 'close', undefined, (cb) => this._native.close(cb));
-    } finally {
-      this._native.dispose();
-    }
+    await closeHandle(this._native, this, () => {
+      this._closed = true;
+    });
   }
 
   private assertOpen(): void {

@@ -174,6 +174,10 @@ export class VmStateReadStream extends Readable {
   /** The consumer asked for data (_read) and push() has not said stop since. */
   private _wanted = false;
   private _failed = false;
+  /** The descriptor and the cluster lookup, once _construct has run. */
+  private _opened: Promise<void> | undefined;
+  /** Consumed through pumpTo(), not as a Readable. */
+  private _pumping = false;
 
   constructor(state: ImageState, entry: SnapshotEntry, options: ResolvedVmStateReadOptions) {
     // highWaterMark 1 byte: push() says stop after each chunk, so the Readable
@@ -200,7 +204,8 @@ export class VmStateReadStream extends Readable {
   }
 
   override _construct(callback: Callback): void {
-    this._open().then(
+    this._opened ??= this._open();
+    this._opened.then(
       () => callback(),
       (err: unknown) => callback(toSnapshotError(err)),
     );
@@ -226,7 +231,7 @@ export class VmStateReadStream extends Readable {
 
   /** Pushes ready chunks in order while wanted, then keeps readAhead chunks held. */
   private _pump(): void {
-    if (this._failed || this.destroyed) return;
+    if (this._failed || this.destroyed || this._pumping) return;
     for (let chunk = this._ready.get(this._nextPush); this._wanted && chunk !== undefined; chunk = this._ready.get(this._nextPush)) {
       this._ready.delete(this._nextPush);
       this._nextPush++;
@@ -267,8 +272,78 @@ export class VmStateReadStream extends Readable {
     this.destroy(toSnapshotError(err));
   }
 
-  /** Reads chunk `index` into a fresh aligned buffer; returns its vmstate bytes. */
-  private async _fill(index: number): Promise<Buffer> {
+  /**
+   * The vmstate handed to `sink` chunk by chunk, in order, without the
+   * Readable machinery and without fresh memory per chunk: `readAhead`
+   * aligned slots are read into and reused. A chunk is valid until the
+   * promise `sink` returned for it settles; the next chunk may be handed over
+   * before that (a sink that queues in order, as StreamSocket.send does, keeps
+   * its device busy). Up to readAhead chunks are read or held at once.
+   *
+   * For callers that move the bytes to a descriptor of their own (loadvm's
+   * socket). The stream closes when this settles; it must not have been read
+   * as a Readable.
+   */
+  async pumpTo(sink: (chunk: Buffer) => Promise<void>): Promise<void> {
+    invariant(!this._pumping && this._nextRead === 0 && this.readableLength === 0, 'pumpTo on a stream already read');
+    this._pumping = true;
+    const pending: Array<Promise<unknown>> = [];
+    try {
+      await this._whenOpen();
+      const file = this._file;
+      const slotCount = Math.min(this._opts.readAhead, this._chunkCount);
+      const slotBytes = alignUp(this._strideBytes, this._alignment);
+      const slots = Array.from({ length: slotCount }, () => file!.allocBufferUninitialized(slotBytes));
+      // slotFree[k]: settles when the sink is done with slot k's last chunk.
+      const slotFree: Array<Promise<void>> = slots.map(() => Promise.resolve());
+      const reads: Array<Promise<Buffer> | undefined> = [];
+      const startRead = (index: number): void => {
+        const read = slotFree[index % slotCount]!.then(() => this._failOnStop()).then(() => this._fill(index, slots[index % slotCount]));
+        reads[index] = read;
+        this._track(index, read, pending);
+      };
+      for (let index = 0; index < slotCount; index++) startRead(index);
+      for (let index = 0; index < this._chunkCount; index++) {
+        const chunk = await reads[index]!;
+        reads[index] = undefined;
+        const sent = sink(chunk);
+        pending.push(sent.catch(() => undefined));
+        slotFree[index % slotCount] = sent;
+        if (index + slotCount < this._chunkCount) startRead(index + slotCount);
+      }
+      await Promise.all(slotFree);
+    } finally {
+      // Nothing may still read into a slot or send from one when the descriptor closes.
+      await Promise.allSettled(pending);
+      this.destroy();
+      if (!this.closed) await new Promise((resolve) => this.once('close', resolve));
+    }
+  }
+
+  /** The open of _construct, started here when pumpTo comes first (_construct runs on the next tick). */
+  private _whenOpen(): Promise<void> {
+    this._opened ??= this._open();
+    return this._opened;
+  }
+
+  /** Throws the stream's end once it is destroyed (image closed), so a pump stops between chunks. */
+  private _failOnStop(): void {
+    if (this.destroyed) throw new SnapshotError(ErrorCode.IMAGE_CLOSED, `the export of snapshot '${this._entry.name}' was stopped`);
+  }
+
+  /** Lists a pumped read in _inFlight (teardown waits for it) and in `pending`. */
+  private _track(index: number, read: Promise<unknown>, pending: Array<Promise<unknown>>): void {
+    const settled = read.then(
+      () => undefined,
+      () => undefined,
+    );
+    this._inFlight.set(index, settled);
+    void settled.then(() => this._inFlight.delete(index));
+    pending.push(settled);
+  }
+
+  /** Reads chunk `index` into `slot` (default: a fresh aligned buffer); returns its vmstate bytes. */
+  private async _fill(index: number, slot?: Uint8Array): Promise<Buffer> {
     const { clusterSize } = this._state.layout;
     const file = this._file;
     const lookup = this._lookup;
@@ -280,12 +355,12 @@ export class VmStateReadStream extends Readable {
     // Not zeroed up front (a 4 MiB calloc per chunk was the export's largest
     // CPU cost after the read itself, docs/performance.md): every byte is
     // either read or zeroed below, so nothing stale reaches the consumer.
-    const slot = file.allocBufferUninitialized(alignUp(clusters * clusterSize, this._alignment));
+    const view = slot ?? file.allocBufferUninitialized(alignUp(clusters * clusterSize, this._alignment));
     const runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
-    for (const run of runs) await this._readRun(file, slot, run);
-    zeroOutsideRuns(slot, runs);
-    const chunk = Buffer.from(slot.buffer, slot.byteOffset, lengthBytes);
-    invariant(chunk.length === lengthBytes && runs.every((r) => r.chunkOffset + r.lengthBytes <= slot.length), 'vmstate chunk bounds');
+    for (const run of runs) await this._readRun(file, view, run);
+    zeroOutsideRuns(view, runs);
+    const chunk = Buffer.from(view.buffer, view.byteOffset, lengthBytes);
+    invariant(chunk.length === lengthBytes && runs.every((r) => r.chunkOffset + r.lengthBytes <= view.length), 'vmstate chunk bounds');
     return chunk;
   }
 

@@ -10,9 +10,11 @@
  * buffers x bufferSize whatever the stream length.
  */
 import { Writable } from 'node:stream';
+import { finished } from 'node:stream/promises';
 import { assert } from '../assert.js';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { alignUp } from '../io/alignment.js';
+import type { StreamSocket } from '../io/stream-socket.js';
 import type { StreamConfig } from './options.js';
 import { Ring } from './ring.js';
 import type { SinkFactory, StreamSink } from './sink.js';
@@ -58,9 +60,19 @@ export class SnapshotStream extends Writable {
   private _resumeScheduled = false;
   private readonly _onAbort: () => void;
   private readonly _resume: () => void;
+  /** The sink is attached (or could not be): _construct's outcome, for receiveFrom. */
+  private readonly _ready: Promise<void>;
+  private _readyDone!: () => void;
+  /** receiveFrom(): the socket, the recv in progress, and a wait for a FREE buffer. */
+  private _source: StreamSocket | undefined;
+  private _recv: Promise<unknown> | undefined;
+  private _freeWaiter: (() => void) | undefined;
 
   constructor(options: StreamConfig, openSink: SinkFactory) {
     super({ highWaterMark: WRITABLE_HIGH_WATER_MARK, decodeStrings: false });
+    this._ready = new Promise((resolve) => {
+      this._readyDone = resolve;
+    });
     this._opts = options;
     this._openSink = openSink;
     this._onAbort = () => this.destroy(abortError(options.signal));
@@ -101,19 +113,23 @@ export class SnapshotStream extends Writable {
   }
 
   override _construct(callback: Callback): void {
+    const done = (err?: SnapshotError): void => {
+      this._readyDone();
+      callback(err);
+    };
     this._openSink().then(
       (sink) => {
         try {
           this._attach(sink);
-          callback();
+          done();
         } catch (err) {
           sink.close().then(
-            () => callback(toSnapshotError(err)),
-            () => callback(toSnapshotError(err)),
+            () => done(toSnapshotError(err)),
+            () => done(toSnapshotError(err)),
           );
         }
       },
-      (err: unknown) => callback(toSnapshotError(err)),
+      (err: unknown) => done(toSnapshotError(err)),
     );
   }
 
@@ -147,6 +163,78 @@ export class SnapshotStream extends Writable {
     }
     if (encoding === undefined && callback === undefined && this._copyNow(chunk)) return true;
     return super.write(chunk, encoding as BufferEncoding, callback as Callback);
+  }
+
+  /**
+   * The whole stream from `socket`, until its peer ends it, received straight
+   * into the ring's buffers on the socket's native thread (StreamSocket.recv):
+   * no chunk allocated per read and no copy on the JS thread. Each full
+   * buffer is submitted as a write() would; then the stream ends, and this
+   * resolves once it has finished (every byte durable, the sink finalized).
+   * Nothing may be written to the stream meanwhile. On failure (the socket's,
+   * the target's, an abort) the stream is destroyed, the socket shut down,
+   * and the error rejects this.
+   */
+  async receiveFrom(socket: StreamSocket): Promise<void> {
+    assert(this._source === undefined && this._accepted === 0 && this.writableLength === 0 && !this.writableEnded, 'receiveFrom on a fresh stream');
+    this._source = socket;
+    try {
+      await this._ready;
+      for (;;) {
+        this._throwIfStopped();
+        const index = await this._acquireFree();
+        const ring = this._ring as Ring;
+        const buffer = ring.buffers[index] as Uint8Array;
+        this._fill = index;
+        this._fillLen = 0;
+        const receiving = socket.recv(buffer);
+        this._recv = receiving.catch(() => undefined);
+        let got: number;
+        try {
+          got = await receiving;
+        } catch (err) {
+          buffer.fill(0); // what a failed recv left there is VM memory too
+          throw err;
+        } finally {
+          this._recv = undefined;
+        }
+        if (got === 0) break;
+        this._throwIfStopped();
+        const capacity = this._checkCapacity(got);
+        if (capacity !== undefined) throw capacity;
+        this._fillLen = got;
+        this._accepted += got;
+        if (got < ring.bufferSize) break; // the peer's end: the tail goes out with _final
+        this._submitFill(ring.bufferSize);
+      }
+      this.end();
+      await finished(this);
+    } catch (err) {
+      // The first cause: an I/O error, or whatever destroyed the stream (abort, QMP closed), else the socket's.
+      const error = toSnapshotError(this._error ?? this.errored ?? err);
+      socket.shutdown();
+      if (!this.destroyed) this.destroy(error);
+      await finished(this).catch(() => undefined);
+      throw error;
+    }
+  }
+
+  /** A FREE buffer (now FILLING), waiting for a write to complete when all are busy. */
+  private async _acquireFree(): Promise<number> {
+    const ring = this._ring as Ring;
+    for (;;) {
+      const index = ring.acquire();
+      if (index >= 0) return index;
+      await new Promise<void>((resolve) => {
+        this._freeWaiter = resolve;
+      });
+      this._throwIfStopped();
+    }
+  }
+
+  private _throwIfStopped(): void {
+    if (this._error !== undefined) throw this._error;
+    if (this.destroyed) throw this.errored ?? new SnapshotError(ErrorCode.ABORTED, 'the snapshot stream was destroyed');
   }
 
   /**
@@ -298,6 +386,9 @@ export class SnapshotStream extends Writable {
       this._written += logicalBytes;
       this.emit('progress', { bytesWritten: this._written, bytesQueued: this._accepted } satisfies ProgressEvent);
     }
+    const wake = this._freeWaiter;
+    this._freeWaiter = undefined;
+    wake?.();
     if (this._error !== undefined) this._failHeld();
     else if (this._held !== null && !this._resumeScheduled) {
       // Resume the producer from setImmediate, not from inside the completion:
@@ -361,6 +452,14 @@ export class SnapshotStream extends Writable {
   }
 
   private async _teardown(error: Error | null): Promise<void> {
+    // A receive in progress writes into a ring buffer: stop it before the wipe.
+    if (this._recv !== undefined) {
+      this._source?.shutdown();
+      await this._recv;
+    }
+    const wake = this._freeWaiter;
+    this._freeWaiter = undefined;
+    wake?.();
     // Never close the descriptor under a running write: the number could be
     // reused by another open while the kernel still writes through it.
     await this._idle();

@@ -22,7 +22,6 @@
  * leaves the VM running; what could not be deleted is named in the error.
  */
 import { performance } from 'node:perf_hooks';
-import { pipeline } from 'node:stream/promises';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { validateStreamOptions } from '../options.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
@@ -31,15 +30,13 @@ import { assertLiveSaveable, enableBackgroundSnapshot, vmImagePaths } from './li
 import { assertNotVmImage, StateImageSave } from './live-state.js';
 import { LiveGuard } from './live-guard.js';
 import { deleteDiskSnapshots, FLUSH_TIMEOUT_MS, qemuDiskName, takeDiskSnapshots, waitWriteTracking } from './live-qemu.js';
-import { cancelMigration, MigrationListener, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
+import { cancelMigration, MigrationListener, receiveMigration, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
 import { findGlobalState, findVmClockNs, GLOBAL_STATE_SEARCH_BYTES, setGlobalState } from './runstate.js';
 import type { SaveVmOptions, SaveVmResult } from './savevm.js';
 
 /** After QEMU's last byte, 'completed' follows at once; anything slower is a fault. */
 const COMPLETION_TIMEOUT_MS = 30_000;
-/** No stream byte for this long: QEMU is stuck; give up (the VM runs on). */
-const STALL_TIMEOUT_MS = 30_000;
 
 /**
  * @internal Test hooks, never exported from the package. `resumeBeforeTracking`
@@ -158,22 +155,11 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
   }
 }
 
-/** Pipes QEMU's connection into the state image; resolves with the vmstate length once it is durable. */
+/** QEMU's stream into the state image, received natively; resolves with the vmstate length once it is durable. */
 async function receiveStream(run: LiveRun): Promise<number> {
-  const socket = await (run.listener as MigrationListener).accept();
   const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => run.state.sink());
   stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
-  let seen = -1;
-  const stall = setInterval(() => {
-    if (stream.bytesQueued === seen) socket.destroy(new SnapshotError(ErrorCode.MIGRATION_FAILED, `no migration data for ${STALL_TIMEOUT_MS} ms; QEMU stalled`));
-    seen = stream.bytesQueued;
-  }, STALL_TIMEOUT_MS);
-  try {
-    await pipeline(socket, stream);
-    return stream.bytesWritten;
-  } finally {
-    clearInterval(stall);
-  }
+  return receiveMigration(run.listener as MigrationListener, stream);
 }
 
 /**

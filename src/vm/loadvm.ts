@@ -6,9 +6,11 @@
  *
  *   1. the snapshot must exist on every writable disk, with a vmstate on the
  *      vmstate disk (checked before anything changes);
- *   2. every disk is reverted to it (Image.revertSnapshot, crash-safe);
- *   3. `migrate-incoming` on a unix socket, fed with the exported vmstate
- *      (O_DIRECT, read-ahead);
+ *   2. every disk is reverted to it (Image.revertSnapshot, crash-safe),
+ *      while
+ *   3. `migrate-incoming` on a unix socket is fed with the exported vmstate
+ *      (O_DIRECT reads into reused slots, sent on a native thread); its last
+ *      chunk waits until every disk is reverted and closed;
  *   4. `completed`, then `cont` if the saved run state says the VM was
  *      running (options.resume overrides).
  */
@@ -16,13 +18,12 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { Transform, type TransformCallback } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { validatePath } from '../validate.js';
 import { openImage, type Image, type SnapshotInfo } from '../qcow2/image.js';
 import { assertQcow2File, inspectVm, pickVmStateDisk, vmStateError, type VmDisk } from './inspect.js';
-import { connectIncoming, waitMigrationFinal } from './migration.js';
+import type { StreamSocket } from '../io/stream-socket.js';
+import { connectIncoming, STALL_TIMEOUT_MS, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
 import { findStateSnapshot } from './live-state.js';
 import { validateCommonVmOptions } from './options.js';
@@ -95,10 +96,25 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
   const stateSnapshot = options.stateImage === undefined ? undefined : await findStateSnapshot(options.stateImage, name);
   const vmDisk = stateSnapshot === undefined ? pickVmStateDisk(info.disks, options.vmstateDisk) : undefined;
   const started = performance.now();
-  const snapshot = (await revertAll(info.disks, vmDisk, name, options.signal)) ?? (stateSnapshot as SnapshotInfo);
-  options.onProgress?.({ phase: 'revert', bytes: 0, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
+  const { images, found } = await checkDisks(info.disks, vmDisk, name);
+  const snapshot = found ?? (stateSnapshot as SnapshotInfo);
+  if (options.signal?.aborted === true) {
+    await closeAll(images);
+    throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before any disk was reverted');
+  }
+  // The revert runs while the stream starts: QEMU reads the images only when
+  // the incoming migration activates them, after the stream's last byte, and
+  // feedIncoming sends that last chunk only once every disk is reverted.
+  const reverted = revertAll(images, name).then(() => {
+    options.onProgress?.({ phase: 'revert', bytes: 0, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
+  });
+  reverted.catch(() => undefined); // awaited below, whichever way the stream ends
   const vmStatePath = options.stateImage ?? (vmDisk as VmDisk).path;
-  const { savedRunState, streamMs } = await feedIncoming(monitor, vmStatePath, snapshot, options, started);
+  const { savedRunState, streamMs } = await feedIncoming(monitor, vmStatePath, snapshot, options, started, reverted).catch(async (err: unknown) => {
+    // A revert that failed is the cause, whatever the stream then saw; never return while it still runs.
+    await reverted;
+    throw err;
+  });
   // QEMU's own rule for -incoming (process_incoming_migration_bh): start when the stream says running or says nothing.
   const resume = options.resume ?? (savedRunState === undefined || savedRunState === 'running');
   const { status } = await monitor.client.execute<{ status: string }>('query-status');
@@ -118,11 +134,12 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
 }
 
 /**
- * Checks every disk first (nothing changes if one lacks the snapshot), then
- * reverts them all. Resolves with the vmstate disk's snapshot; without a
- * vmstate disk (a live snapshot's disk-only halves), with undefined.
+ * Opens every disk and checks that it has the snapshot, with a vmstate on the
+ * vmstate disk: nothing changes when one lacks it. Resolves with the open
+ * images (write-locked) and the vmstate disk's snapshot (undefined without a
+ * vmstate disk: a live snapshot's disk-only halves).
  */
-async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk | undefined, name: string, signal: AbortSignal | undefined): Promise<SnapshotInfo | undefined> {
+async function checkDisks(disks: readonly VmDisk[], vmDisk: VmDisk | undefined, name: string): Promise<{ images: Image[]; found: SnapshotInfo | undefined }> {
   const images: Image[] = [];
   try {
     let found: SnapshotInfo | undefined;
@@ -138,36 +155,75 @@ async function revertAll(disks: readonly VmDisk[], vmDisk: VmDisk | undefined, n
     if (vmDisk !== undefined && (found === undefined || found.vmStateSize === 0)) {
       throw new SnapshotError(ErrorCode.SNAPSHOT_DISK_ONLY, `snapshot '${name}' on disk '${vmDisk.device}' is disk-only (no vmstate); revert it offline with 'snapstream revert', or give the state image of a live snapshot`);
     }
-    if (signal?.aborted === true) throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before any disk was reverted');
-    for (const image of images) await image.revertSnapshot(name);
-    return found;
-  } finally {
-    // Closing releases the lock bytes: QEMU takes them when it activates the images.
-    for (const image of images) await image.close().catch(() => undefined);
+    return { images, found };
+  } catch (err) {
+    await closeAll(images);
+    throw err;
   }
 }
 
-/** Streams the vmstate into `migrate-incoming`; resolves once QEMU reports `completed`. */
+/** Reverts every disk (Image.revertSnapshot, crash-safe each), then closes them all. */
+async function revertAll(images: readonly Image[], name: string): Promise<void> {
+  try {
+    for (const image of images) {
+      await image.revertSnapshot(name).catch((err: unknown) => {
+        const error = toSnapshotError(err);
+        error.message = `reverting '${image.path}' to '${name}' failed: ${error.message}; the incoming migration is abandoned, and QEMU must be restarted with -incoming`;
+        throw error;
+      });
+    }
+  } finally {
+    await closeAll(images);
+  }
+}
+
+/** Closing releases the lock bytes: QEMU takes them when it activates the images. */
+async function closeAll(images: readonly Image[]): Promise<void> {
+  for (const image of images) await image.close().catch(() => undefined);
+}
+
+/**
+ * Streams the vmstate into `migrate-incoming`; resolves once QEMU reports
+ * `completed`. The last chunk waits for `reverted`. The bytes go from O_DIRECT reads into reused aligned slots and
+ * from there to QEMU's socket on a native thread (VmStateReadStream.pumpTo,
+ * StreamSocket): no chunk allocated per read and no JS per socket write.
+ */
 async function feedIncoming(
   monitor: Monitor,
   vmStatePath: string,
   snapshot: SnapshotInfo,
   options: LoadVmOptions,
   started: number,
+  reverted: Promise<void>,
 ): Promise<{ savedRunState: string | undefined; streamMs: number }> {
   const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
   // Read without lock bytes: QEMU must be able to take its own when it activates the image at the end.
   const image = await openImage(vmStatePath, { forceShare: true });
+  let socket: StreamSocket | undefined;
+  const abort = (): void => socket?.shutdown();
+  options.signal?.addEventListener('abort', abort, { once: true });
   try {
     const path = join(dir, 'incoming.sock');
     await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
-    const socket = await connectIncoming(path);
+    socket = await connectIncoming(path, STALL_TIMEOUT_MS);
+    if (options.signal?.aborted === true) abort();
     const streamStart = performance.now();
-    const tail = new TailTap(snapshot.vmStateSize, (bytes) =>
-      options.onProgress?.({ phase: 'stream', bytes, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started }),
-    );
+    const tail = new StreamTail(snapshot.vmStateSize);
     const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
-    await pipeline(reader, tail, socket, { signal: options.signal });
+    const out = socket;
+    let sent = 0;
+    await reader
+      .pumpTo(async (chunk) => {
+        tail.take(chunk);
+        // QEMU activates the images right after the last byte: not before every disk is reverted.
+        if (tail.position === snapshot.vmStateSize) await reverted;
+        await out.send(chunk);
+        sent += chunk.length;
+        options.onProgress?.({ phase: 'stream', bytes: sent, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
+      })
+      .catch(async (err: unknown) => {
+        throw await streamError(monitor, err, options.signal);
+      });
     const final = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
       throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not accept the vmstate: migration '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}`);
@@ -176,33 +232,56 @@ async function feedIncoming(
   } catch (err) {
     throw toSnapshotError(err);
   } finally {
+    options.signal?.removeEventListener('abort', abort);
+    if (socket !== undefined) {
+      socket.shutdown();
+      await socket.close().catch(() => undefined);
+    }
     await image.close().catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
   }
 }
 
-/** Passes chunks through untouched, keeping a copy of the last GLOBAL_STATE_SEARCH_BYTES of the stream. */
-class TailTap extends Transform {
-  readonly tail: Buffer;
-  private readonly _tailStart: number;
-  private _position = 0;
-  private readonly _onBytes: (bytes: number) => void;
+/**
+ * Why feeding the stream stopped: our abort, QEMU's refusal (it closes the
+ * socket when it cannot load the stream: its own description), or the error
+ * itself (a read of the image, a stalled QEMU).
+ */
+async function streamError(monitor: Monitor, err: unknown, signal: AbortSignal | undefined): Promise<SnapshotError> {
+  if (signal?.aborted === true) {
+    return new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted while streaming the vmstate; the disks are reverted, and QEMU must be restarted with -incoming to try again', { cause: err });
+  }
+  const error = toSnapshotError(err);
+  if (error.syscall === 'send' && error.code === ErrorCode.EAGAIN) {
+    return new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU read no vmstate for ${STALL_TIMEOUT_MS} ms; it stalled`, { cause: err });
+  }
+  if (error.syscall === 'send') {
+    const info = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS).catch(() => undefined);
+    const gone = monitor.client.closed ? "; QEMU's monitor closed too: QEMU exits when an incoming migration fails, and its stderr says why" : '';
+    const why = info?.['error-desc'] ?? `the connection ended (${error.code})${gone}`;
+    return new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not accept the vmstate: ${why}`, { cause: err });
+  }
+  return error;
+}
 
-  constructor(totalBytes: number, onBytes: (bytes: number) => void) {
-    super();
+/** Keeps a copy of the last GLOBAL_STATE_SEARCH_BYTES of the stream as its chunks go by. */
+class StreamTail {
+  readonly tail: Buffer;
+  /** Stream bytes seen so far. */
+  position = 0;
+  private readonly _tailStart: number;
+
+  constructor(totalBytes: number) {
     this._tailStart = Math.max(0, totalBytes - GLOBAL_STATE_SEARCH_BYTES);
     this.tail = Buffer.alloc(totalBytes - this._tailStart);
-    this._onBytes = onBytes;
   }
 
-  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    const end = this._position + chunk.length;
+  take(chunk: Uint8Array): void {
+    const end = this.position + chunk.length;
     if (end > this._tailStart) {
-      const from = Math.max(0, this._tailStart - this._position);
-      chunk.copy(this.tail, this._position + from - this._tailStart, from);
+      const from = Math.max(0, this._tailStart - this.position);
+      this.tail.set(chunk.subarray(from), this.position + from - this._tailStart);
     }
-    this._position = end;
-    this._onBytes(end);
-    callback(null, chunk);
+    this.position = end;
   }
 }

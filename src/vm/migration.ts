@@ -4,17 +4,20 @@
  * start, watch and cancel a migration.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer, connect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ErrorCode, SnapshotError } from '../errors.js';
+import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
+import { StreamSocket } from '../io/stream-socket.js';
+import type { SnapshotStream } from '../stream/snapshot-stream.js';
 import type { QmpClient } from './qmp.js';
 
 /** query-migrate poll interval: small against the downtime we measure, cheap for QEMU. */
 export const MIGRATION_POLL_MS = 10;
 /** QEMU's default max-bandwidth is 128 MiB/s, 8 s per GiB; the VM is stopped, so take all the disk gives. */
 export const UNLIMITED_BANDWIDTH_BYTES_PER_S = 2 ** 50;
+/** No stream byte for this long while migrating: QEMU is stuck; give up (and resume a VM that ran). */
+export const STALL_TIMEOUT_MS = 30_000;
 /** How long QEMU may take to connect to our socket after `migrate` returns. */
 const CONNECT_TIMEOUT_MS = 10_000;
 
@@ -28,81 +31,100 @@ export interface MigrationStatus {
 
 const FINAL = new Set(['completed', 'failed', 'cancelled']);
 
-/** A listening unix socket for one incoming QEMU connection. */
+/**
+ * A listening unix socket for QEMU's one outgoing migration connection,
+ * native (StreamSocket): the stream is received on the socket's own thread
+ * straight into the snapshot stream's ring (SnapshotStream.receiveFrom).
+ */
 export class MigrationListener {
   readonly socketPath: string;
   private readonly _dir: string;
-  private readonly _server: Server;
-  private readonly _connection: Promise<Socket>;
+  private readonly _socket: StreamSocket;
 
-  private constructor(dir: string, server: Server, connection: Promise<Socket>) {
+  private constructor(dir: string, socket: StreamSocket) {
     this._dir = dir;
-    this.socketPath = join(dir, 'migration.sock');
-    this._server = server;
-    this._connection = connection;
+    this.socketPath = socket.path;
+    this._socket = socket;
   }
 
   static async listen(): Promise<MigrationListener> {
     // A directory only we can enter: nobody else can connect to the socket and feed us a stream.
     const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
-    const server = createServer();
-    const connection = new Promise<Socket>((resolve, reject) => {
-      server.once('connection', (socket) => {
-        server.close();
-        resolve(socket);
-      });
-      server.once('error', reject);
-    });
-    connection.catch(() => undefined);
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(join(dir, 'migration.sock'), () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    return new MigrationListener(dir, server, connection);
+    try {
+      return new MigrationListener(dir, await StreamSocket.listen(join(dir, 'migration.sock')));
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true });
+      throw err;
+    }
   }
 
   get uri(): string {
     return `unix:${this.socketPath}`;
   }
 
-  /** QEMU's connection; rejects after `timeoutMs`. */
-  async accept(timeoutMs = CONNECT_TIMEOUT_MS): Promise<Socket> {
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not connect to the migration socket within ${timeoutMs} ms`)), timeoutMs);
-    });
+  /**
+   * QEMU's connection; rejects after `timeoutMs`. A recv on it that gets no
+   * byte for STALL_TIMEOUT_MS fails (EAGAIN: see receiveMigration).
+   */
+  async accept(timeoutMs = CONNECT_TIMEOUT_MS): Promise<StreamSocket> {
     try {
-      return await Promise.race([this._connection, timeout]);
-    } finally {
-      clearTimeout(timer);
+      await this._socket.accept(timeoutMs, { timeoutMs: STALL_TIMEOUT_MS });
+    } catch (err) {
+      if ((err as SnapshotError).code === ErrorCode.ETIMEDOUT) {
+        throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not connect to the migration socket within ${timeoutMs} ms`, { cause: err });
+      }
+      throw err;
     }
+    return this._socket;
   }
 
   async close(): Promise<void> {
-    this._server.close();
+    // A pending accept gives up within 100 ms of the shutdown; a receive has settled before this is called.
+    this._socket.shutdown();
+    for (let i = 0; this._socket.pending > 0 && i < 100; i++) await sleep(MIGRATION_POLL_MS);
+    await this._socket.close().catch(() => undefined);
     await rm(this._dir, { recursive: true, force: true });
   }
 }
 
-/** Connects to the socket QEMU listens on after `migrate-incoming unix:PATH`, retrying until it exists. */
-export async function connectIncoming(path: string, timeoutMs = CONNECT_TIMEOUT_MS): Promise<Socket> {
+/**
+ * QEMU's outgoing stream, from its connection to `listener`, into `stream`
+ * (received on the socket's thread into the ring). Resolves with the bytes
+ * written once they are durable. No byte for STALL_TIMEOUT_MS is a stalled
+ * QEMU; with `qmp`, its connection closing ends the stream too.
+ */
+export async function receiveMigration(listener: MigrationListener, stream: SnapshotStream, qmp?: QmpClient): Promise<number> {
+  const socket = await listener.accept();
+  const unsubscribe = qmp?.onClose(() => {
+    stream.destroy(new SnapshotError(ErrorCode.QMP_CLOSED, 'the QMP connection closed during the migration'));
+  });
+  try {
+    await stream.receiveFrom(socket);
+    return stream.bytesWritten;
+  } catch (err) {
+    const error = toSnapshotError(err);
+    if (error.code === ErrorCode.EAGAIN && error.syscall === 'recv') {
+      throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `no migration data for ${STALL_TIMEOUT_MS} ms; QEMU stalled`, { cause: err });
+    }
+    throw error;
+  } finally {
+    unsubscribe?.();
+  }
+}
+
+/**
+ * Connects to the socket QEMU listens on after `migrate-incoming unix:PATH`,
+ * retrying until it exists. The stream then moves on the socket's native
+ * thread (StreamSocket); a send that QEMU leaves unread for `stallMs` fails.
+ */
+export async function connectIncoming(path: string, stallMs: number, timeoutMs = CONNECT_TIMEOUT_MS): Promise<StreamSocket> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     try {
-      return await new Promise<Socket>((resolve, reject) => {
-        const socket = connect(path);
-        socket.once('connect', () => {
-          socket.off('error', reject);
-          resolve(socket);
-        });
-        socket.once('error', reject);
-      });
+      return await StreamSocket.connect(path, { timeoutMs: stallMs });
     } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if ((code !== 'ENOENT' && code !== 'ECONNREFUSED') || Date.now() > deadline) {
+      const code = (err as SnapshotError).code;
+      if ((code !== ErrorCode.ENOENT && code !== ErrorCode.ECONNREFUSED) || Date.now() > deadline) {
         throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `cannot connect to QEMU's incoming migration socket: ${code ?? String(err)}`, { cause: err });
       }
       await sleep(MIGRATION_POLL_MS);

@@ -16,7 +16,6 @@
  * Any failure before the commit point commits nothing, cancels a migration
  * still running, and resumes a VM that was running.
  */
-import { pipeline } from 'node:stream/promises';
 import { performance } from 'node:perf_hooks';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { validateStreamOptions } from '../options.js';
@@ -24,7 +23,7 @@ import { HandoffSave, assertSnapshotable } from '../qcow2/handoff.js';
 import { openImage, type Image } from '../qcow2/image.js';
 import { SnapshotStream } from '../stream/snapshot-stream.js';
 import { assertSaveable, inspectVm, pickVmStateDisk, vmStateError, type VmDisk } from './inspect.js';
-import { cancelMigration, MigrationListener, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
+import { cancelMigration, MigrationListener, receiveMigration, UNLIMITED_BANDWIDTH_BYTES_PER_S, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
 import { validateLiveOptions } from './live-options.js';
 import { validateCommonVmOptions } from './options.js';
@@ -32,8 +31,6 @@ import { findGlobalState, findVmClockNs, GLOBAL_STATE_SEARCH_BYTES, setGlobalSta
 
 /** After QEMU's last byte, 'completed' follows at once; anything slower is a fault. */
 const COMPLETION_TIMEOUT_MS = 30_000;
-/** No stream byte for this long while migrating: QEMU is stuck; give up and resume the VM. */
-export const STALL_TIMEOUT_MS = 30_000;
 
 export interface SaveVmProgress {
   phase: 'stream' | 'commit' | 'resume';
@@ -157,29 +154,11 @@ async function handOff(run: Run): Promise<SaveVmResult> {
   }
 }
 
-/** Pipes QEMU's connection into the image; resolves with the vmstate length once it is durable. */
+/** QEMU's stream into the image, received natively; resolves with the vmstate length once it is durable. */
 async function receiveStream(run: Run, listener: MigrationListener): Promise<number> {
-  const socket = await listener.accept();
   const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => handoffOf(run).sink());
   stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
-  let seen = -1;
-  const stall = setInterval(() => {
-    if (stream.bytesQueued === seen) {
-      socket.destroy(new SnapshotError(ErrorCode.MIGRATION_FAILED, `no migration data for ${STALL_TIMEOUT_MS} ms; QEMU stalled`));
-    }
-    seen = stream.bytesQueued;
-  }, STALL_TIMEOUT_MS);
-  const onClose = (): void => {
-    socket.destroy(new SnapshotError(ErrorCode.QMP_CLOSED, 'the QMP connection closed during the migration'));
-  };
-  const unsubscribe = run.monitor.client.onClose(onClose);
-  try {
-    await pipeline(socket, stream);
-    return stream.bytesWritten;
-  } finally {
-    clearInterval(stall);
-    unsubscribe();
-  }
+  return receiveMigration(listener, stream, run.monitor.client);
 }
 
 /**

@@ -24,6 +24,27 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)]!;
 }
 
+/**
+ * QEMU's own background snapshot of the same VM into /dev/null: the guest's
+ * pause as QEMU counts it (query-migrate `downtime`) plus the setup before
+ * it, which populates and write-protects every page of guest RAM.
+ */
+async function qemuAloneMs(vm: TestVm): Promise<number> {
+  await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: true }] });
+  try {
+    await vm.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 2 ** 50 });
+    await vm.qmp.execute('migrate', { uri: 'exec:cat > /dev/null' });
+    for (;;) {
+      const info = await vm.qmp.execute<{ status: string; downtime?: number; 'setup-time'?: number }>('query-migrate');
+      if (info.status === 'completed') return (info.downtime ?? 0) + (info['setup-time'] ?? 0);
+      if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`QEMU's own background snapshot ${info.status}`);
+      await sleep(20);
+    }
+  } finally {
+    await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'background-snapshot', state: false }] });
+  }
+}
+
 async function liveSave(vm: TestVm, name: string, stateImage: string): Promise<SaveVmResult> {
   const client = await connectVm(vm.snapSocket);
   try {
@@ -88,11 +109,14 @@ describe.skipIf(skip !== undefined)('live savevm: downtime', () => {
 
   it('the part of the downtime snapstream controls does not grow with RAM (256 MiB vs 1 GiB)', { timeout: 600_000 }, async () => {
     const phases: Record<number, SaveVmResult[]> = {};
+    let qemuAlone = 0;
     for (const ramMiB of [256, 1024]) {
       const { vm } = await runningVm(dir, `ram${ramMiB}`, ramMiB);
       try {
         phases[ramMiB] = [];
         for (let i = 0; i < TRIALS; i++) phases[ramMiB].push(await liveSave(vm, `t${i}`, join(dir, `ram${ramMiB}-state.qcow2`)));
+        // After ours, as our later trials ran: the first snapshot of a guest finds its huge pages intact and is cheap.
+        if (ramMiB === 1024) qemuAlone = await qemuAloneMs(vm);
       } finally {
         await vm.quit();
       }
@@ -101,12 +125,14 @@ describe.skipIf(skip !== undefined)('live savevm: downtime', () => {
     const total = (ramMiB: number): number => median(phases[ramMiB]!.map((r) => r.downtimeMs));
     console.log(
       `live downtime medians of ${TRIALS}: 256 MiB ${total(256).toFixed(1)} ms (stop + disk snapshots ${ours(256).toFixed(1)} ms), ` +
-        `1 GiB ${total(1024).toFixed(1)} ms (stop + disk snapshots ${ours(1024).toFixed(1)} ms)`,
+        `1 GiB ${total(1024).toFixed(1)} ms (stop + disk snapshots ${ours(1024).toFixed(1)} ms); QEMU's own background snapshot, 1 GiB: ${qemuAlone} ms`,
     );
     // stop + disk snapshots: QEMU's flush and qcow2 metadata, nothing per page. Margin 25 ms for a loaded host.
     expect(ours(1024)).toBeLessThan(ours(256) + 25);
     // The rest is QEMU 7.2's page-table population and write-protect of guest RAM, which does
-    // grow with RAM (docs/live-checkpoint.md); bound it well below a second per GiB.
-    expect(total(1024)).toBeLessThan(1000);
+    // grow with RAM (docs/live-checkpoint.md), and whose cost is the host's: 58 ms per GiB on one
+    // machine here, 1.2-1.4 s on another. So it is held to QEMU's own background snapshot of the
+    // same VM: ours adds the stop, the disk snapshots and QMP round trips (margin 1.5x + 100 ms).
+    expect(total(1024)).toBeLessThan(1.5 * qemuAlone + 100);
   });
 });
