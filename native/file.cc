@@ -158,6 +158,12 @@ void NativeFile::StopWorkers() {
     if (stopping_) return;
     stopping_ = true;
   }
+  // A socket operation may be blocked on its peer (or an accept on none):
+  // end it, so the join below cannot wait for a stall timeout or forever.
+  // Harmless for a file (ENOTSOCK); only reached with operations pending
+  // when the environment goes away, since dispose() requires none.
+  shutdown_.store(true);
+  if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);
   wake_.notify_all();
   for (auto& t : workers_) {
     if (t.joinable()) t.join();
@@ -260,6 +266,8 @@ void NativeFile::Complete(Napi::Env env, Napi::Function, NativeFile* self, Op* o
     // One peer only: the listening socket is done, the connection takes its place.
     if (self->fd_ >= 0) ::close(self->fd_);
     self->fd_ = op->openFacts.fd;
+    // shutdown() came while accept4 was returning: it applies to the connection too.
+    if (self->shutdown_.load()) ::shutdown(self->fd_, SHUT_RDWR);
   }
   if (op->kind == OpKind::Close) self->fd_ = -1;
   if (--self->pending_ == 0 && !self->disposed_) self->tsfn_.Unref(env);
@@ -390,8 +398,9 @@ Napi::Value NativeFile::SubmitStream(const Napi::CallbackInfo& info, OpKind kind
 // shutdown(): both directions of a connected socket, at once and on the JS
 // thread; a send or recv blocked in a worker returns with an error (or end of
 // stream), so a peer that stopped reading cannot hold the file forever. A
-// pending accept gives up within 100 ms (ECANCELED). Returns the errno (0 on
-// success; ENOTCONN for a listening socket, ENOTSOCK for a file).
+// pending accept gives up within 100 ms (ECANCELED), and a connection it
+// returns anyway is shut down as it is installed. Returns the errno (0 on
+// success, ENOTSOCK for a file).
 Napi::Value NativeFile::Shutdown(const Napi::CallbackInfo& info) {
   shutdown_.store(true);
   int rc = fd_ >= 0 ? ::shutdown(fd_, SHUT_RDWR) : -1;

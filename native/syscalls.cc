@@ -245,7 +245,9 @@ SysResult ConnectUnix(const std::string& path, int timeoutMs, int* fd) {
 SysResult ListenUnix(const std::string& path, int* fd) {
   struct sockaddr_un addr {};
   if (!UnixAddress(path, &addr)) return Fail("bind");
-  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  // Non-blocking: AcceptOne polls first, and a wake-up with nobody to accept
+  // gives EAGAIN instead of blocking. The accepted socket is blocking.
+  int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (s < 0) return Fail("socket");
   if (bind(s, reinterpret_cast<const struct sockaddr*>(&addr), sizeof addr) != 0) {
     SysResult r = Fail("bind");

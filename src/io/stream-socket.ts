@@ -12,6 +12,7 @@
  * (SO_SNDTIMEO/SO_RCVTIMEO); shutdown() wakes a call that is blocked now.
  */
 import assert from 'node:assert/strict';
+import { ErrorCode, SnapshotError } from '../errors.js';
 import { addon, type NativeFileHandle } from './native.js';
 import { call, closeHandle } from './native-call.js';
 
@@ -25,13 +26,15 @@ export class StreamSocket {
   readonly path: string;
   private readonly _native: NativeFileHandle;
   private _closed = false;
+  /** shutdown() was called here: a short recv is our end, not the peer's. */
+  private _shutDown = false;
 
   private constructor(path: string, native: NativeFileHandle) {
     this.path = path;
     this._native = native;
   }
 
-  /** Connects to `path`; rejects with the coded errno (ENOENT, ECONNREFUSED as EIO, ...). */
+  /** Connects to `path`; rejects with the coded errno (ENOENT, ECONNREFUSED, ...). */
   static async connect(path: string, options: StreamSocketOptions): Promise<StreamSocket> {
     const native = new addon.NativeFile(1);
     try {
@@ -68,21 +71,45 @@ export class StreamSocket {
     await call(this, 'accept', undefined, (cb) => this._native.accept(waitMs, options.timeoutMs, cb));
   }
 
-  /** Writes all of `buffer`. The buffer must stay untouched until this settles. */
+  /**
+   * Writes all of `buffer`. The buffer must stay untouched until this
+   * settles. The first failure shuts the socket down, so sends queued behind
+   * it fail at once (EPIPE) instead of each waiting out the stall timeout, and
+   * nothing after a gap reaches the peer.
+   */
   async send(buffer: Uint8Array): Promise<void> {
     this.assertOpen();
-    await call(this, 'send', undefined, (cb) => this._native.send(buffer, cb));
+    try {
+      await call(this, 'send', undefined, (cb) => this._native.send(buffer, cb));
+    } catch (err) {
+      this.shutdown();
+      throw err;
+    }
   }
 
-  /** Fills `buffer`; fewer bytes only when the peer closed the stream. */
+  /**
+   * Fills `buffer`; fewer bytes only when the peer ended the stream. After our
+   * own shutdown() a short read is ECANCELED, never a clean end. A failure
+   * shuts the socket down, as for send.
+   */
   async recv(buffer: Uint8Array): Promise<number> {
     this.assertOpen();
-    const { bytes } = await call(this, 'recv', undefined, (cb) => this._native.recv(buffer, cb));
+    let bytes: number;
+    try {
+      ({ bytes } = await call(this, 'recv', undefined, (cb) => this._native.recv(buffer, cb)));
+    } catch (err) {
+      this.shutdown();
+      throw err;
+    }
+    if (bytes < buffer.length && this._shutDown) {
+      throw new SnapshotError(ErrorCode.ECANCELED, `recv on '${this.path}' ended: the socket was shut down here`, { syscall: 'recv', path: this.path });
+    }
     return bytes;
   }
 
   /** Ends both directions now: queued and blocked calls fail (EPIPE) or see the end of the stream. */
   shutdown(): void {
+    this._shutDown = true;
     if (!this._closed) this._native.shutdown();
   }
 

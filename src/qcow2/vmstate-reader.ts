@@ -287,6 +287,9 @@ export class VmStateReadStream extends Readable {
   async pumpTo(sink: (chunk: Buffer) => Promise<void>): Promise<void> {
     invariant(!this._pumping && this._nextRead === 0 && this.readableLength === 0, 'pumpTo on a stream already read');
     this._pumping = true;
+    // Errors reach the caller through the returned promise; without a listener
+    // a failed open (destroy from _construct) would be an uncaught 'error'.
+    this.on('error', () => undefined);
     const pending: Array<Promise<unknown>> = [];
     try {
       await this._whenOpen();

@@ -178,6 +178,9 @@ export class SnapshotStream extends Writable {
   async receiveFrom(socket: StreamSocket): Promise<void> {
     assert(this._source === undefined && this._accepted === 0 && this.writableLength === 0 && !this.writableEnded, 'receiveFrom on a fresh stream');
     this._source = socket;
+    // Errors reach the caller through the returned promise; without a listener
+    // a destroy(err) before the end (an abort) would be an uncaught 'error'.
+    this.on('error', noop);
     try {
       await this._ready;
       for (;;) {
@@ -187,6 +190,8 @@ export class SnapshotStream extends Writable {
         const buffer = ring.buffers[index] as Uint8Array;
         this._fill = index;
         this._fillLen = 0;
+        // A write may have failed (and teardown begun) while we waited: no recv into a ring being wiped.
+        this._throwIfStopped();
         const receiving = socket.recv(buffer);
         this._recv = receiving.catch(() => undefined);
         let got: number;
@@ -198,11 +203,12 @@ export class SnapshotStream extends Writable {
         } finally {
           this._recv = undefined;
         }
-        if (got === 0) break;
+        // Counted as FILLING bytes at once, so a wipe after any failure below clears them.
+        this._fillLen = got;
         this._throwIfStopped();
+        if (got === 0) break;
         const capacity = this._checkCapacity(got);
         if (capacity !== undefined) throw capacity;
-        this._fillLen = got;
         this._accepted += got;
         if (got < ring.bufferSize) break; // the peer's end: the tail goes out with _final
         this._submitFill(ring.bufferSize);
@@ -487,6 +493,8 @@ export class SnapshotStream extends Writable {
     await this._sink.close();
   }
 }
+
+function noop(): void {}
 
 function invalidChunk(chunk: unknown, path: string | undefined): SnapshotError {
   const kind = chunk === null ? 'null' : typeof chunk === 'object' ? Object.prototype.toString.call(chunk) : typeof chunk;

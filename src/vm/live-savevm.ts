@@ -57,6 +57,8 @@ interface LiveRun {
   disks: VmDisk[];
   state: StateImageSave;
   listener: MigrationListener | undefined;
+  /** The stream into the state image, once started: undo waits for it before anything is closed. */
+  received?: Promise<number>;
   /** Disk-only snapshots QEMU took (to delete on failure). */
   taken: VmDisk[];
   stoppedAt: number;
@@ -116,6 +118,7 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
     await run.hooks.beforeMigrate?.();
     await qmp.execute('migrate', { uri: run.listener.uri });
     const received = receiveStream(run);
+    run.received = received;
     received.catch((err: unknown) => {
       run.streamError = err;
     });
@@ -157,9 +160,12 @@ async function checkpoint(run: LiveRun): Promise<SaveVmResult> {
 
 /** QEMU's stream into the state image, received natively; resolves with the vmstate length once it is durable. */
 async function receiveStream(run: LiveRun): Promise<number> {
-  const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => run.state.sink());
-  stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
-  return receiveMigration(run.listener as MigrationListener, stream);
+  const open = (): SnapshotStream => {
+    const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => run.state.sink());
+    stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
+    return stream;
+  };
+  return receiveMigration(run.listener as MigrationListener, open);
 }
 
 /**
@@ -185,7 +191,11 @@ async function readTail(run: LiveRun, vmStateBytes: number): Promise<bigint> {
  * could not be undone, by name.
  */
 async function undo(run: LiveRun, error: SnapshotError): Promise<SnapshotError> {
-  await run.listener?.close().catch(() => undefined);
+  // Closing the listener shuts the socket: a receive still running ends (ECANCELED, never a
+  // clean end of stream) and is waited for, so nothing writes the state image after this.
+  const closing = run.listener?.close().catch(() => undefined);
+  await run.received?.catch(() => undefined);
+  await closing;
   let qmp = run.monitor.client;
   try {
     if (qmp.closed) qmp = await run.monitor.revive();

@@ -102,6 +102,13 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
     await closeAll(images);
     throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before any disk was reverted');
   }
+  // Read without lock bytes: QEMU must be able to take its own when it activates the image at the end.
+  // Opened before the revert starts, which rewrites the header this reads.
+  const vmStatePath = options.stateImage ?? (vmDisk as VmDisk).path;
+  const stateImage = await openImage(vmStatePath, { forceShare: true }).catch(async (err: unknown) => {
+    await closeAll(images);
+    throw err;
+  });
   // The revert runs while the stream starts: QEMU reads the images only when
   // the incoming migration activates them, after the stream's last byte, and
   // feedIncoming sends that last chunk only once every disk is reverted.
@@ -109,12 +116,13 @@ export async function loadVm(monitor: Monitor, name: string, options: LoadVmOpti
     options.onProgress?.({ phase: 'revert', bytes: 0, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
   });
   reverted.catch(() => undefined); // awaited below, whichever way the stream ends
-  const vmStatePath = options.stateImage ?? (vmDisk as VmDisk).path;
-  const { savedRunState, streamMs } = await feedIncoming(monitor, vmStatePath, snapshot, options, started, reverted).catch(async (err: unknown) => {
-    // A revert that failed is the cause, whatever the stream then saw; never return while it still runs.
-    await reverted;
-    throw err;
-  });
+  const { savedRunState, streamMs } = await feedIncoming(monitor, stateImage, snapshot, options, started, reverted)
+    .catch(async (err: unknown) => {
+      // A revert that failed is the cause, whatever the stream then saw; never return while it still runs.
+      await reverted;
+      throw err;
+    })
+    .finally(() => stateImage.close().catch(() => undefined));
   // QEMU's own rule for -incoming (process_incoming_migration_bh): start when the stream says running or says nothing.
   const resume = options.resume ?? (savedRunState === undefined || savedRunState === 'running');
   const { status } = await monitor.client.execute<{ status: string }>('query-status');
@@ -190,15 +198,16 @@ async function closeAll(images: readonly Image[]): Promise<void> {
  */
 async function feedIncoming(
   monitor: Monitor,
-  vmStatePath: string,
+  image: Image,
   snapshot: SnapshotInfo,
   options: LoadVmOptions,
   started: number,
   reverted: Promise<void>,
 ): Promise<{ savedRunState: string | undefined; streamMs: number }> {
+  if (options.signal?.aborted === true) {
+    throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before the stream began: QEMU is untouched and can still load a snapshot; the disks may already be reverted');
+  }
   const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
-  // Read without lock bytes: QEMU must be able to take its own when it activates the image at the end.
-  const image = await openImage(vmStatePath, { forceShare: true });
   let socket: StreamSocket | undefined;
   const abort = (): void => socket?.shutdown();
   options.signal?.addEventListener('abort', abort, { once: true });
@@ -206,7 +215,8 @@ async function feedIncoming(
     const path = join(dir, 'incoming.sock');
     await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
     socket = await connectIncoming(path, STALL_TIMEOUT_MS);
-    if (options.signal?.aborted === true) abort();
+    // An abort during migrate-incoming or the connect came before the listener could act on the socket.
+    if (isAborted(options.signal)) abort();
     const streamStart = performance.now();
     const tail = new StreamTail(snapshot.vmStateSize);
     const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
@@ -237,7 +247,6 @@ async function feedIncoming(
       socket.shutdown();
       await socket.close().catch(() => undefined);
     }
-    await image.close().catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
   }
 }
@@ -262,6 +271,11 @@ async function streamError(monitor: Monitor, err: unknown, signal: AbortSignal |
     return new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not accept the vmstate: ${why}`, { cause: err });
   }
   return error;
+}
+
+/** Read through a call, so that checks after an await are not narrowed away by an earlier one. */
+function isAborted(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true;
 }
 
 /** Keeps a copy of the last GLOBAL_STATE_SEARCH_BYTES of the stream as its chunks go by. */

@@ -88,13 +88,16 @@ export class MigrationListener {
 }
 
 /**
- * QEMU's outgoing stream, from its connection to `listener`, into `stream`
- * (received on the socket's thread into the ring). Resolves with the bytes
- * written once they are durable. No byte for STALL_TIMEOUT_MS is a stalled
- * QEMU; with `qmp`, its connection closing ends the stream too.
+ * QEMU's outgoing stream, from its connection to `listener`, into the stream
+ * `open` makes once QEMU has connected (received on the socket's thread into
+ * the ring). Resolves with the bytes written once they are durable. No byte
+ * for STALL_TIMEOUT_MS is a stalled QEMU; with `qmp`, its connection closing
+ * ends the stream too.
  */
-export async function receiveMigration(listener: MigrationListener, stream: SnapshotStream, qmp?: QmpClient): Promise<number> {
+export async function receiveMigration(listener: MigrationListener, open: () => SnapshotStream, qmp?: QmpClient): Promise<number> {
+  // Accept first: a stream made before would hold its sink with nobody to end it if QEMU never came.
   const socket = await listener.accept();
+  const stream = open();
   const unsubscribe = qmp?.onClose(() => {
     stream.destroy(new SnapshotError(ErrorCode.QMP_CLOSED, 'the QMP connection closed during the migration'));
   });

@@ -119,7 +119,10 @@ export async function saveVm(monitor: Monitor, name: string, options: SaveVmOpti
 async function handOff(run: Run): Promise<SaveVmResult> {
   const qmp = run.monitor.client;
   const listener = await MigrationListener.listen();
-  const { 'max-bandwidth': oldBandwidth } = await qmp.execute<{ 'max-bandwidth'?: number }>('query-migrate-parameters');
+  const { 'max-bandwidth': oldBandwidth } = await qmp.execute<{ 'max-bandwidth'?: number }>('query-migrate-parameters').catch(async (err: unknown) => {
+    await listener.close();
+    throw err;
+  });
   run.startedMs = performance.now();
   let committed = false;
   try {
@@ -156,9 +159,12 @@ async function handOff(run: Run): Promise<SaveVmResult> {
 
 /** QEMU's stream into the image, received natively; resolves with the vmstate length once it is durable. */
 async function receiveStream(run: Run, listener: MigrationListener): Promise<number> {
-  const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => handoffOf(run).sink());
-  stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
-  return receiveMigration(listener, stream, run.monitor.client);
+  const open = (): SnapshotStream => {
+    const stream = new SnapshotStream(validateStreamOptions({ signal: run.options.signal }), async () => handoffOf(run).sink());
+    stream.on('progress', ({ bytesWritten }: { bytesWritten: number }) => progress(run, 'stream', bytesWritten));
+    return stream;
+  };
+  return receiveMigration(listener, open, run.monitor.client);
 }
 
 /**

@@ -124,4 +124,35 @@ describe('StreamSocket', () => {
     await socket.close();
     server.close();
   });
+
+  it('a recv cut short by our own shutdown() is ECANCELED, never a clean end of the stream', async () => {
+    const { path, server, connection } = await serve();
+    const socket = await StreamSocket.connect(path, { timeoutMs: 0 });
+    const peer = await connection;
+    peer.write(pseudoRandom(1 << 20, 8)); // less than the buffer: the recv waits for more
+    const receiving = socket.recv(allocAligned(4 << 20, 4096));
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    socket.shutdown();
+    await expect(receiving).rejects.toMatchObject({ code: 'ECANCELED', syscall: 'recv' });
+    await socket.close();
+    peer.destroy();
+    server.close();
+  });
+
+  it('after a failed send, the sends queued behind it fail at once instead of waiting out their own timeouts', async () => {
+    const { path, server, connection } = await serve();
+    const socket = await StreamSocket.connect(path, { timeoutMs: 300 });
+    const peer = await connection;
+    peer.pause();
+    const t0 = performance.now();
+    const sends = [0, 1, 2, 3].map((i) => socket.send(pseudoRandom(16 << 20, 20 + i)).catch((e: unknown) => e));
+    const errors = (await Promise.all(sends)) as Array<{ code?: string }>;
+    expect(errors[0]!.code).toBe('EAGAIN');
+    for (const e of errors.slice(1)) expect(e.code).toBe('EPIPE');
+    // One stall timeout (a partial send may wait it twice), not one per queued send.
+    expect(performance.now() - t0).toBeLessThan(2000);
+    await socket.close();
+    peer.destroy();
+    server.close();
+  });
 });

@@ -38,7 +38,8 @@ async function peerFeeding(timeoutMs: number, feed: (peer: ReturnType<typeof con
 }
 
 describe('SnapshotStream.receiveFrom', () => {
-  for (const bytes of [(40 << 20) + 12_345, 4096, 1]) {
+  // Past a buffer with a partial tail, exactly two buffers (the end falls on a buffer boundary), one page, one byte.
+  for (const bytes of [(40 << 20) + 12_345, 8 << 20, 4096, 1]) {
     it(`writes exactly the ${bytes} bytes the peer sent (SHA-256), padded tail included`, async () => {
       const data = pseudoRandom(bytes, bytes);
       const socket = await peerFeeding(10_000, (peer) => peer.end(data));
