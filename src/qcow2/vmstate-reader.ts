@@ -291,12 +291,13 @@ export class VmStateReadStream extends Readable {
     // a failed open (destroy from _construct) would be an uncaught 'error'.
     this.on('error', () => undefined);
     const pending: Array<Promise<unknown>> = [];
+    let slots: Uint8Array[] = [];
     try {
       await this._whenOpen();
       const file = this._file;
       const slotCount = Math.min(this._opts.readAhead, this._chunkCount);
       const slotBytes = alignUp(this._strideBytes, this._alignment);
-      const slots = Array.from({ length: slotCount }, () => file!.allocBufferUninitialized(slotBytes));
+      slots = Array.from({ length: slotCount }, () => file!.allocBufferUninitialized(slotBytes));
       // slotFree[k]: settles when the sink is done with slot k's last chunk.
       const slotFree: Array<Promise<void>> = slots.map(() => Promise.resolve());
       const reads: Array<Promise<Buffer> | undefined> = [];
@@ -318,6 +319,8 @@ export class VmStateReadStream extends Readable {
     } finally {
       // Nothing may still read into a slot or send from one when the descriptor closes.
       await Promise.allSettled(pending);
+      // The slots held VM memory; as the ring does, leave none of it behind.
+      for (const slot of slots) slot.fill(0);
       this.destroy();
       if (!this.closed) await new Promise((resolve) => this.once('close', resolve));
     }
