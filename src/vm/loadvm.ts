@@ -30,9 +30,11 @@ import { validateCommonVmOptions } from './options.js';
 import { findGlobalState, GLOBAL_STATE_SEARCH_BYTES } from './runstate.js';
 
 /**
- * Read-ahead for the vmstate fed to QEMU: 4 x 8 MiB in flight keeps the
- * disk busy while QEMU parses (it consumes ~1 GB/s here, about what one
- * O_DIRECT reader gets from the disk); 32 MiB of memory.
+ * Read-ahead for the vmstate fed to QEMU: 4 x 8 MiB, read from before
+ * `migrate-incoming` on, keeps the disk busy while QEMU parses; 32 MiB of
+ * memory. Measured here (docs/performance.md): 2 to 4 slots of 4 or 8 MiB
+ * load alike within the noise; 16 x 8 MiB was slower (0.82-1.12 s against
+ * 0.61-0.81 s for 1 GiB), as every slot is fresh memory the host must fault in.
  */
 const LOAD_CHUNK_BYTES = 8 << 20;
 const LOAD_READ_AHEAD = 4;
@@ -209,31 +211,45 @@ async function feedIncoming(
   }
   const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
   let socket: StreamSocket | undefined;
-  const abort = (): void => socket?.shutdown();
+  const connection = deferred<StreamSocket>();
+  const abort = (): void => {
+    connection.reject(new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted'));
+    socket?.shutdown();
+  };
   options.signal?.addEventListener('abort', abort, { once: true });
+  // The reads start now, while QEMU sets up its incoming side (tens of ms
+  // before it takes the first byte): the first LOAD_READ_AHEAD chunks are
+  // ready when it does. The sink waits for the connection.
+  const tail = new StreamTail(snapshot.vmStateSize);
+  const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
+  let sent = 0;
+  let streamStart = performance.now();
+  const pumped = reader.pumpTo(async (chunk) => {
+    const out = await connection.promise;
+    tail.take(chunk);
+    // QEMU activates the images right after the last byte: not before every disk is reverted.
+    if (tail.position === snapshot.vmStateSize) await reverted;
+    await out.send(chunk);
+    sent += chunk.length;
+    options.onProgress?.({ phase: 'stream', bytes: sent, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
+  });
+  pumped.catch(() => undefined); // awaited below on every path
   try {
-    const path = join(dir, 'incoming.sock');
-    await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
-    socket = await connectIncoming(path, STALL_TIMEOUT_MS);
+    try {
+      const path = join(dir, 'incoming.sock');
+      await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
+      socket = await connectIncoming(path, STALL_TIMEOUT_MS);
+    } catch (err) {
+      connection.reject(err);
+      throw err;
+    }
     // An abort during migrate-incoming or the connect came before the listener could act on the socket.
     if (isAborted(options.signal)) abort();
-    const streamStart = performance.now();
-    const tail = new StreamTail(snapshot.vmStateSize);
-    const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
-    const out = socket;
-    let sent = 0;
-    await reader
-      .pumpTo(async (chunk) => {
-        tail.take(chunk);
-        // QEMU activates the images right after the last byte: not before every disk is reverted.
-        if (tail.position === snapshot.vmStateSize) await reverted;
-        await out.send(chunk);
-        sent += chunk.length;
-        options.onProgress?.({ phase: 'stream', bytes: sent, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
-      })
-      .catch(async (err: unknown) => {
-        throw await streamError(monitor, err, options.signal);
-      });
+    streamStart = performance.now();
+    connection.resolve(socket);
+    await pumped.catch(async (err: unknown) => {
+      throw await streamError(monitor, err, options.signal);
+    });
     const final = await waitMigrationFinal(monitor.client, COMPLETION_TIMEOUT_MS);
     if (final.status !== 'completed') {
       throw new SnapshotError(ErrorCode.MIGRATION_FAILED, `QEMU did not accept the vmstate: migration '${final.status}'${final['error-desc'] === undefined ? '' : `: ${final['error-desc']}`}`);
@@ -243,6 +259,8 @@ async function feedIncoming(
     throw toSnapshotError(err);
   } finally {
     options.signal?.removeEventListener('abort', abort);
+    // No read may still run into the reader's slots when the image closes.
+    await pumped.catch(() => undefined);
     if (socket !== undefined) {
       socket.shutdown();
       await socket.close().catch(() => undefined);
@@ -298,4 +316,16 @@ class StreamTail {
     }
     this.position = end;
   }
+}
+
+/** A promise settled from outside (Promise.withResolvers needs Node 22); settling twice is a no-op. */
+function deferred<T>(): { promise: Promise<T>; resolve: (value: T) => void; reject: (reason: unknown) => void } {
+  let resolve!: (value: T) => void;
+  let reject!: (reason: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  promise.catch(() => undefined); // a rejection nobody waits for (the pump already stopped) is not unhandled
+  return { promise, resolve, reject };
 }
