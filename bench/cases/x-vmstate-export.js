@@ -6,29 +6,17 @@
  * Compared with the device read reference of the same run (the best of the
  * rd* and fio-r* cells).
  *
- * The image is written once, untimed, in the first prepare (the page stream saved by
- * createSnapshotStream with O_DIRECT), so no page of it is in the page cache,
- * and the reads themselves are O_DIRECT: the cache cannot flatter the figure.
- * It lives in the runner's scratch directory, which the runner deletes.
+ * The image is bench/lib/read-source.js's, which the device-read cells read
+ * too: written once, untimed, with O_DIRECT, so no page of it is in the page
+ * cache, and the reads themselves are O_DIRECT: the cache cannot flatter the
+ * figure.
  */
-import { mkdirSync } from 'node:fs';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { createImage, createSnapshotStream, openImage } from '../../dist/index.js';
-import { pumpPages } from '../lib/pump.js';
+import { openImage } from '../../dist/index.js';
 import { TargetFile } from '../../dist/io/target-file.js';
+import { READ_SOURCE_SNAPSHOT, readSource } from '../lib/read-source.js';
 import { withThreads } from '../lib/threads.js';
-
-/** bench/run.js's TMP_DIR: scratch on the work disk, removed at the end of the run. */
-const SCRATCH_DIR = join(dirname(dirname(fileURLToPath(import.meta.url))), '.tmp', String(process.pid));
-const SNAPSHOT = 'bench-export';
-/** 1 GiB disk: the vmstate area starts right after it. */
-const DISK_BYTES = 1 << 30;
-
-/** Made once per run: the image every export case reads (the first prepare writes it). */
-let source;
 
 /**
  * `before`: the export as it was before issue 12: one native thread
@@ -42,10 +30,7 @@ function exportCase({ id, label, before }) {
     sizeClass: 'fast',
     verifiable: false,
     container: true,
-    async prepare(ctx) {
-      source ??= writeSource(ctx.workload);
-      return source;
-    },
+    prepare: (ctx) => readSource(ctx.workload),
     async run(_ctx, { image, bytes }) {
       const read = await (before ? asBefore(() => exportOnce(image)) : exportOnce(image));
       if (read !== bytes) throw new Error(`(${id}) exported ${read} bytes, the snapshot holds ${bytes}`);
@@ -64,19 +49,10 @@ async function asBefore(fn) {
   }
 }
 
-async function writeSource(workload) {
-  mkdirSync(SCRATCH_DIR, { recursive: true });
-  const image = join(SCRATCH_DIR, 'x-source.qcow2');
-  await createImage(image, { size: DISK_BYTES, overwrite: true });
-  const out = createSnapshotStream(image, { snapshot: SNAPSHOT, direct: true });
-  await pumpPages(out, workload);
-  return { image, bytes: out.bytesWritten };
-}
-
 async function exportOnce(image) {
   const img = await openImage(image, { readOnly: true });
   try {
-    const stream = img.createVmStateReadStream(SNAPSHOT, { direct: true });
+    const stream = img.createVmStateReadStream(READ_SOURCE_SNAPSHOT, { direct: true });
     let read = 0;
     const discard = new Writable({
       write(chunk, _encoding, callback) {
