@@ -126,7 +126,7 @@ async function runThroughput(opts) {
   });
   env.loadAvgEnd = os.loadavg();
   const rssProbe = cases.some((c) => c.id === 'f') ? probeRss(opts) : undefined;
-  report({ date: new Date().toISOString(), env, config, results, references: references(results), rssProbe });
+  report({ date: new Date().toISOString(), env, config, results, references: references(results), rssProbe }, opts.resultsDir ?? RESULTS_DIR);
 }
 
 /**
@@ -237,7 +237,7 @@ function checkTargets(results, refs, rssProbe) {
   });
 }
 
-function report(run) {
+function report(run, resultsDir) {
   const { results } = run;
   console.log(`\nload average ${run.env.loadAvgStart[0].toFixed(2)} at start, ${run.env.loadAvgEnd[0].toFixed(2)} at end (${run.env.cpus} CPUs)`);
   printTable(results, run.references);
@@ -264,13 +264,14 @@ function report(run) {
   } else if (probe !== undefined) {
     console.log(`  (f) RSS probe failed: ${probe.error}`);
   }
-  mkdirSync(RESULTS_DIR, { recursive: true });
+  mkdirSync(resultsDir, { recursive: true });
   const stamp = run.date.replace(/[:.]/g, '-');
   const json = `${JSON.stringify(run, null, 2)}\n`;
-  writeFileSync(join(RESULTS_DIR, `raw-${stamp}.json`), json);
-  writeFileSync(join(RESULTS_DIR, 'latest.json'), json);
-  writeFileSync(join(RESULTS_DIR, 'raw.svg'), renderSvg(run));
-  console.log(`\nsaved bench/results/raw-${stamp}.json, bench/results/latest.json, bench/results/raw.svg`);
+  writeFileSync(join(resultsDir, `raw-${stamp}.json`), json);
+  writeFileSync(join(resultsDir, 'latest.json'), json);
+  writeFileSync(join(resultsDir, 'raw.svg'), renderSvg(run));
+  const shown = resultsDir === RESULTS_DIR ? 'bench/results' : resultsDir;
+  console.log(`\nsaved ${shown}/raw-${stamp}.json, ${shown}/latest.json, ${shown}/raw.svg`);
 }
 
 function runHotPath(opts) {

@@ -59,9 +59,11 @@ async function nativeSource(ctx) {
   return { listener, exited };
 }
 
+const QCOW2_TARGET = { snapshot: 'bench', direct: true };
+
 async function qcow2Target(ctx) {
   await createImage(ctx.path, { size: DISK_BYTES, overwrite: true });
-  return createSnapshotStream(ctx.path, { snapshot: 'bench', direct: true });
+  return createSnapshotStream(ctx.path, QCOW2_TARGET);
 }
 
 export const socketToQcow2 = {
@@ -71,15 +73,17 @@ export const socketToQcow2 = {
   verifiable: false,
   container: true,
   async run(ctx) {
-    const out = await qcow2Target(ctx);
+    await createImage(ctx.path, { size: DISK_BYTES, overwrite: true });
     const { listener, exited } = await nativeSource(ctx);
     const t0 = performance.now();
+    let bytes;
     try {
-      await Promise.all([receiveMigration(listener, out), exited]);
+      // As savevm: the stream is made once QEMU (here the feeder) has connected.
+      [bytes] = await Promise.all([receiveMigration(listener, () => createSnapshotStream(ctx.path, QCOW2_TARGET)), exited]);
     } finally {
       await listener.close();
     }
-    return { bytes: out.bytesWritten, seconds: (performance.now() - t0) / 1000 };
+    return { bytes, seconds: (performance.now() - t0) / 1000 };
   },
 };
 

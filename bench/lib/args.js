@@ -12,7 +12,8 @@ export const USAGE = `usage: node bench/run.js [options]
   --hot-path-only    run only the benny suite
   --no-vm            skip the savevm/loadvm cases (bench/vm.js: QEMU, 1 GiB guest; bench/live.js: live savevm, 1 and 4 GiB)
   --vm-only          run only the savevm/loadvm case
-  --vm-reps N        repetitions of the savevm/loadvm case (default 3)`;
+  --vm-reps N        repetitions of the savevm/loadvm case (default 3)
+  --results DIR      where the samples and the chart go (default bench/results)`;
 
 export function parseOptions(argv) {
   const { values } = parseArgs({
@@ -29,6 +30,7 @@ export function parseOptions(argv) {
       'no-vm': { type: 'boolean', default: false },
       'vm-only': { type: 'boolean', default: false },
       'vm-reps': { type: 'string' },
+      results: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -51,5 +53,6 @@ export function parseOptions(argv) {
     throughput: !values['hot-path-only'] && !values['vm-only'],
     vm: !values['no-vm'] && !values['hot-path-only'] && !quick,
     vmReps: int(values['vm-reps'], 'vm-reps', 3),
+    resultsDir: values.results,
   };
 }
