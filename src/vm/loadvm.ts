@@ -217,24 +217,25 @@ async function feedIncoming(
     socket?.shutdown();
   };
   options.signal?.addEventListener('abort', abort, { once: true });
-  // The reads start now, while QEMU sets up its incoming side (tens of ms
-  // before it takes the first byte): the first LOAD_READ_AHEAD chunks are
-  // ready when it does. The sink waits for the connection.
   const tail = new StreamTail(snapshot.vmStateSize);
-  const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
   let sent = 0;
   let streamStart = performance.now();
-  const pumped = reader.pumpTo(async (chunk) => {
-    const out = await connection.promise;
-    tail.take(chunk);
-    // QEMU activates the images right after the last byte: not before every disk is reverted.
-    if (tail.position === snapshot.vmStateSize) await reverted;
-    await out.send(chunk);
-    sent += chunk.length;
-    options.onProgress?.({ phase: 'stream', bytes: sent, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
-  });
-  pumped.catch(() => undefined); // awaited below on every path
+  let pumped: Promise<void> | undefined;
   try {
+    // The reads start now, while QEMU sets up its incoming side (tens of ms
+    // before it takes the first byte): the first LOAD_READ_AHEAD chunks are
+    // ready when it does. The sink waits for the connection.
+    const reader = image.createVmStateReadStream(snapshot.id, { by: 'id', chunkBytes: LOAD_CHUNK_BYTES, readAhead: LOAD_READ_AHEAD });
+    pumped = reader.pumpTo(async (chunk) => {
+      const out = await connection.promise;
+      tail.take(chunk);
+      // QEMU activates the images right after the last byte: not before every disk is reverted.
+      if (tail.position === snapshot.vmStateSize) await reverted;
+      await out.send(chunk);
+      sent += chunk.length;
+      options.onProgress?.({ phase: 'stream', bytes: sent, totalBytes: snapshot.vmStateSize, elapsedMs: performance.now() - started });
+    });
+    pumped.catch(() => undefined); // awaited below on every path
     try {
       const path = join(dir, 'incoming.sock');
       await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
@@ -260,7 +261,7 @@ async function feedIncoming(
   } finally {
     options.signal?.removeEventListener('abort', abort);
     // No read may still run into the reader's slots when the image closes.
-    await pumped.catch(() => undefined);
+    await pumped?.catch(() => undefined);
     if (socket !== undefined) {
       socket.shutdown();
       await socket.close().catch(() => undefined);

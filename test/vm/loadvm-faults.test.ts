@@ -1,12 +1,14 @@
 /**
  * loadvm under real faults, with a real QEMU 7.2 started with -incoming
  * defer: an AbortSignal mid-stream, a QEMU that refuses the stream (another
- * RAM size), and kill -9 of QEMU mid-stream. Each ends in a coded error,
+ * RAM size), a `migrate-incoming` that QEMU refuses while the vmstate reads
+ * have already begun, and kill -9 of QEMU mid-stream. Each ends in a coded error,
  * soon, with the process alive; the image stays clean for qemu-img check,
  * and the snapshot still loads into a fresh QEMU bit for bit (pmemsave
  * against the RAM file, qemu-io on the disk).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mkdirSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { connectVm, type LoadVmProgress } from '../../src/index.js';
@@ -20,6 +22,19 @@ const RAM_BYTES = RAM_MIB << 20;
 
 async function ramDigest(file: string): Promise<string[]> {
   return [await sha256File(file, { start: 0, end: PC_ROM_WINDOW.start }), await sha256File(file, { start: PC_ROM_WINDOW.end, end: RAM_BYTES })];
+}
+
+/** Descriptors of this process open on `path`. */
+function descriptorsOn(path: string): number {
+  let n = 0;
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      if (readlinkSync(`/proc/self/fd/${fd}`) === path) n++;
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return n;
 }
 
 function alive(pid: number): boolean {
@@ -138,6 +153,34 @@ describe.skipIf(skip !== undefined)('loadvm faults', () => {
       expect(['MIGRATION_FAILED', 'QMP_CLOSED']).toContain((err as { code?: string }).code);
       expect(performance.now() - t0).toBeLessThan(20_000);
     } finally {
+      await vm.kill();
+    }
+    await expectStillLoads();
+  });
+
+  it('a migrate-incoming that QEMU refuses (socket path too long) while the reads run: QMP_ERROR, nothing left open, and the snapshot still loads', async () => {
+    // loadvm makes its socket under os.tmpdir(): past 108 bytes QEMU refuses the path, after our vmstate reads have begun.
+    const longTmp = join(dir.path, 'd'.repeat(100));
+    mkdirSync(longTmp, { recursive: true });
+    const vm = await loader();
+    const savedTmp = process.env.TMPDIR;
+    const restoreTmp = (): void => {
+      if (savedTmp === undefined) delete process.env.TMPDIR;
+      else process.env.TMPDIR = savedTmp;
+    };
+    try {
+      const snap = await connectVm(vm.snapSocket);
+      const phases: string[] = [];
+      process.env.TMPDIR = longTmp;
+      const err = await snap.loadvm('base', { onProgress: (p) => phases.push(p.phase) }).catch((e: unknown) => e);
+      restoreTmp();
+      await snap.close().catch(() => undefined);
+      expect(err).toMatchObject({ code: 'QMP_ERROR' });
+      expect(phases).not.toContain('stream'); // not one byte was sent
+      expect(descriptorsOn(image)).toBe(0); // the reader and every disk are closed
+      expect(readdirSync(longTmp)).toEqual([]); // the socket's directory is gone
+    } finally {
+      restoreTmp();
       await vm.kill();
     }
     await expectStillLoads();
