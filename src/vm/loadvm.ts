@@ -14,16 +14,14 @@
  *   4. `completed`, then `cont` if the saved run state says the VM was
  *      running (options.resume overrides).
  */
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { rm } from 'node:fs/promises';
 import { performance } from 'node:perf_hooks';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { validatePath } from '../validate.js';
 import { openImage, type Image, type SnapshotInfo } from '../qcow2/image.js';
 import { assertQcow2File, inspectVm, pickVmStateDisk, vmStateError, type VmDisk } from './inspect.js';
 import type { StreamSocket } from '../io/stream-socket.js';
-import { connectIncoming, STALL_TIMEOUT_MS, waitMigrationFinal } from './migration.js';
+import { connectIncoming, makeSocketDir, STALL_TIMEOUT_MS, waitMigrationFinal } from './migration.js';
 import type { Monitor } from './monitor.js';
 import { findStateSnapshot } from './live-state.js';
 import { validateCommonVmOptions } from './options.js';
@@ -209,7 +207,7 @@ async function feedIncoming(
   if (options.signal?.aborted === true) {
     throw new SnapshotError(ErrorCode.ABORTED, 'loadvm aborted before the stream began: QEMU is untouched and can still load a snapshot; the disks may already be reverted');
   }
-  const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
+  const { dir, path } = await makeSocketDir('incoming.sock');
   let socket: StreamSocket | undefined;
   const connection = deferred<StreamSocket>();
   const abort = (): void => {
@@ -237,7 +235,6 @@ async function feedIncoming(
     });
     pumped.catch(() => undefined); // awaited below on every path
     try {
-      const path = join(dir, 'incoming.sock');
       await monitor.client.execute('migrate-incoming', { uri: `unix:${path}` });
       socket = await connectIncoming(path, STALL_TIMEOUT_MS);
     } catch (err) {

@@ -20,6 +20,33 @@ export const UNLIMITED_BANDWIDTH_BYTES_PER_S = 2 ** 50;
 export const STALL_TIMEOUT_MS = 30_000;
 /** How long QEMU may take to connect to our socket after `migrate` returns. */
 const CONNECT_TIMEOUT_MS = 10_000;
+/** The longest unix socket path Linux takes: sun_path holds 108 bytes with the terminating NUL. */
+const MAX_SOCKET_PATH_BYTES = 107;
+/** Where a socket's directory goes when the system temp directory's path is too long for one. */
+const SHORT_TMP = '/tmp';
+
+/**
+ * A fresh private directory (0700: nobody else can connect to the socket and
+ * feed us a stream, or read one) for the migration socket `name`, under the
+ * system temp directory ($TMPDIR), or under /tmp when that path would be too
+ * long for a unix socket. Resolves with the directory and the socket's path.
+ */
+export async function makeSocketDir(name: string): Promise<{ dir: string; path: string }> {
+  // mkdtemp appends six characters to the prefix.
+  const fits = (base: string): boolean => Buffer.byteLength(join(base, 'snapstream-XXXXXX', name)) <= MAX_SOCKET_PATH_BYTES;
+  const base = [tmpdir(), SHORT_TMP].find(fits);
+  if (base === undefined) {
+    throw new SnapshotError(
+      ErrorCode.ENAMETOOLONG,
+      `no place for the migration socket: under '${tmpdir()}' (TMPDIR) its path would be longer than the ${MAX_SOCKET_PATH_BYTES} bytes a unix socket takes`,
+      { path: tmpdir() },
+    );
+  }
+  const dir = await mkdtemp(join(base, 'snapstream-')).catch((err: unknown) => {
+    throw toSnapshotError(err);
+  });
+  return { dir, path: join(dir, name) };
+}
 
 export interface MigrationStatus {
   status: string;
@@ -48,10 +75,9 @@ export class MigrationListener {
   }
 
   static async listen(): Promise<MigrationListener> {
-    // A directory only we can enter: nobody else can connect to the socket and feed us a stream.
-    const dir = await mkdtemp(join(tmpdir(), 'snapstream-'));
+    const { dir, path } = await makeSocketDir('migration.sock');
     try {
-      return new MigrationListener(dir, await StreamSocket.listen(join(dir, 'migration.sock')));
+      return new MigrationListener(dir, await StreamSocket.listen(path));
     } catch (err) {
       await rm(dir, { recursive: true, force: true });
       throw err;

@@ -2,7 +2,8 @@
  * loadvm under real faults, with a real QEMU 7.2 started with -incoming
  * defer: an AbortSignal mid-stream, a QEMU that refuses the stream (another
  * RAM size), a `migrate-incoming` that QEMU refuses while the vmstate reads
- * have already begun, and kill -9 of QEMU mid-stream. Each ends in a coded error,
+ * have already begun, and kill -9 of QEMU mid-stream. And a TMPDIR too long
+ * for a socket path, which must not stop savevm or loadvm. Each ends in a coded error,
  * soon, with the process alive; the image stays clean for qemu-img check,
  * and the snapshot still loads into a fresh QEMU bit for bit (pmemsave
  * against the RAM file, qemu-io on the disk).
@@ -22,6 +23,18 @@ const RAM_BYTES = RAM_MIB << 20;
 
 async function ramDigest(file: string): Promise<string[]> {
   return [await sha256File(file, { start: 0, end: PC_ROM_WINDOW.start }), await sha256File(file, { start: PC_ROM_WINDOW.end, end: RAM_BYTES })];
+}
+
+/** Runs `fn` with TMPDIR set to `path` (os.tmpdir() reads it on every call). */
+async function withTmpdir<T>(path: string, fn: () => Promise<T>): Promise<T> {
+  const saved = process.env.TMPDIR;
+  process.env.TMPDIR = path;
+  try {
+    return await fn();
+  } finally {
+    if (saved === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = saved;
+  }
 }
 
 /** Descriptors of this process open on `path`. */
@@ -158,31 +171,44 @@ describe.skipIf(skip !== undefined)('loadvm faults', () => {
     await expectStillLoads();
   });
 
-  it('a migrate-incoming that QEMU refuses (socket path too long) while the reads run: QMP_ERROR, nothing left open, and the snapshot still loads', async () => {
-    // loadvm makes its socket under os.tmpdir(): past 108 bytes QEMU refuses the path, after our vmstate reads have begun.
-    const longTmp = join(dir.path, 'd'.repeat(100));
-    mkdirSync(longTmp, { recursive: true });
-    const vm = await loader();
-    const savedTmp = process.env.TMPDIR;
-    const restoreTmp = (): void => {
-      if (savedTmp === undefined) delete process.env.TMPDIR;
-      else process.env.TMPDIR = savedTmp;
-    };
+  it('a migrate-incoming that QEMU refuses (it runs as another user) while the reads run: QMP_ERROR, nothing left open, and the snapshot still loads', async () => {
+    // -runas drops QEMU to nobody after start-up: it cannot bind in our 0700 socket directory, after our vmstate reads have begun.
+    const vm = await startVm({ dir: dir.path, tag: `l${++count}`, ramMiB: RAM_MIB, disks: [{ path: image }], incoming: true, extraArgs: ['-runas', 'nobody'] });
+    const sockets = join(dir.path, 'sockets');
+    mkdirSync(sockets);
     try {
       const snap = await connectVm(vm.snapSocket);
       const phases: string[] = [];
-      process.env.TMPDIR = longTmp;
-      const err = await snap.loadvm('base', { onProgress: (p) => phases.push(p.phase) }).catch((e: unknown) => e);
-      restoreTmp();
+      const err = await withTmpdir(sockets, () => snap.loadvm('base', { onProgress: (p) => phases.push(p.phase) }).catch((e: unknown) => e));
       await snap.close().catch(() => undefined);
-      expect(err).toMatchObject({ code: 'QMP_ERROR' });
+      expect(err).toMatchObject({ code: 'QMP_ERROR', message: /Permission denied/ });
       expect(phases).not.toContain('stream'); // not one byte was sent
       expect(descriptorsOn(image)).toBe(0); // the reader and every disk are closed
-      expect(readdirSync(longTmp)).toEqual([]); // the socket's directory is gone
+      expect(readdirSync(sockets)).toEqual([]); // the socket's directory is gone
     } finally {
-      restoreTmp();
       await vm.kill();
     }
+    await expectStillLoads();
+  });
+
+  it('with a TMPDIR too long for a unix socket path, savevm and loadvm put their socket under /tmp', async () => {
+    const longTmp = join(dir.path, 'd'.repeat(100));
+    mkdirSync(longTmp, { recursive: true });
+    const vm = await loader();
+    try {
+      const snap = await connectVm(vm.snapSocket);
+      await withTmpdir(longTmp, async () => {
+        await snap.loadvm('base', { resume: false });
+        await snap.savevm('long-tmp');
+      });
+      await snap.close();
+      await qemuWrite(vm, 0, 'read -P 0xa1 0 64k');
+      expect(readdirSync(longTmp)).toEqual([]);
+    } finally {
+      await vm.quit();
+    }
+    expect((await qemuImg.snapshotList(image)).map((s) => s.name)).toEqual(['base', 'long-tmp']);
+    await qemuImg.snapshot(image, 'delete', 'long-tmp');
     await expectStillLoads();
   });
 });
