@@ -122,7 +122,7 @@ export class MigrationListener {
  */
 export async function receiveMigration(listener: MigrationListener, open: () => SnapshotStream, qmp?: QmpClient): Promise<number> {
   // Accept first: a stream made before would hold its sink with nobody to end it if QEMU never came.
-  const socket = await listener.accept();
+  const socket = qmp === undefined ? await listener.accept() : await acceptUnlessFailed(listener, qmp);
   const stream = open();
   const unsubscribe = qmp?.onClose(() => {
     stream.destroy(new SnapshotError(ErrorCode.QMP_CLOSED, 'the QMP connection closed during the migration'));
@@ -138,6 +138,41 @@ export async function receiveMigration(listener: MigrationListener, open: () => 
     throw error;
   } finally {
     unsubscribe?.();
+  }
+}
+
+/** How often the migration's status is polled while QEMU has not connected yet. */
+const ACCEPT_POLL_MS = 50;
+
+/**
+ * QEMU's connection to `listener`, or, as soon as QEMU reports the migration
+ * failed or cancelled before connecting (it could not reach the socket: a
+ * QEMU running as another user cannot enter our 0700 directory), a
+ * MIGRATION_FAILED with QEMU's own words, instead of the accept timeout.
+ */
+async function acceptUnlessFailed(listener: MigrationListener, qmp: QmpClient): Promise<StreamSocket> {
+  const accepted = listener.accept();
+  accepted.catch(() => undefined); // when QEMU's failure wins, the caller's close() ends this accept
+  let waiting = true;
+  const failed = (async (): Promise<MigrationStatus | undefined> => {
+    while (waiting) {
+      await sleep(ACCEPT_POLL_MS);
+      if (!waiting) break;
+      const info = await queryMigrate(qmp).catch(() => undefined);
+      if (info !== undefined && (info.status === 'failed' || info.status === 'cancelled')) return info;
+    }
+    return undefined;
+  })();
+  try {
+    const first = await Promise.race([accepted, failed]);
+    if (first instanceof StreamSocket) return first;
+    const info = first as MigrationStatus;
+    throw new SnapshotError(
+      ErrorCode.MIGRATION_FAILED,
+      `QEMU's migration ended '${info.status}' before it connected to our socket${info['error-desc'] === undefined ? '' : `: ${info['error-desc']}`}; nothing was committed`,
+    );
+  } finally {
+    waiting = false;
   }
 }
 

@@ -1,7 +1,8 @@
 /**
  * savevm under real faults: the migration cancelled from outside, a full
  * filesystem (loop mount), kill -9 of the snapstream process in the stream
- * phase and at the commit, and a QMP connection that drops. After each the
+ * phase and at the commit, a QMP connection that drops, and a QEMU that
+ * runs as another user and cannot reach our socket. After each the
  * VM runs (it was running), QEMU writes to its disk again, and qemu-img
  * check is clean after QEMU quits (no corruption; at most leaks).
  */
@@ -55,10 +56,10 @@ describe.skipIf(skip !== undefined)('savevm faults', () => {
   });
   afterAll(async () => dir.cleanup());
 
-  async function runningVm(imageDir = dir.path): Promise<{ vm: TestVm; image: string }> {
+  async function runningVm(imageDir = dir.path, extraArgs: string[] = []): Promise<{ vm: TestVm; image: string }> {
     const image = join(imageDir, `fault${++count}.qcow2`);
     await qemuImg.create(image, 256 << 20);
-    const vm = await startVm({ dir: dir.path, tag: `f${count}`, ramMiB: RAM_MIB, memFile: mem, disks: [{ path: image }], running: true });
+    const vm = await startVm({ dir: dir.path, tag: `f${count}`, ramMiB: RAM_MIB, memFile: mem, disks: [{ path: image }], running: true, extraArgs });
     await qemuWrite(vm, 0, 'write -P 0x70 0 1M');
     return { vm, image };
   }
@@ -78,6 +79,22 @@ describe.skipIf(skip !== undefined)('savevm faults', () => {
       await snap.close();
       expect(cancelled).toBe(true);
       await expectRecovered(vm, image, 'cancelled');
+    } finally {
+      await vm.kill();
+    }
+  });
+
+  it('a QEMU that runs as another user (-runas) cannot reach our 0700 socket directory: a coded error, nothing committed, the VM resumed', async () => {
+    const { vm, image } = await runningVm(dir.path, ['-runas', 'nobody']);
+    try {
+      const snap = await connectVm(vm.snapSocket);
+      const t0 = Date.now();
+      const err = await snap.savevm('other-user').catch((e: unknown) => e);
+      await snap.close();
+      // QEMU's own words, at once: not the 10 s wait for a connection that cannot come.
+      expect(err).toMatchObject({ code: 'MIGRATION_FAILED', message: /before it connected to our socket: .*Permission denied.*nothing was committed/ });
+      expect(Date.now() - t0).toBeLessThan(5000);
+      await expectRecovered(vm, image, 'other-user');
     } finally {
       await vm.kill();
     }
