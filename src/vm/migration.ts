@@ -32,17 +32,9 @@ const SHORT_TMP = '/tmp';
  * long for a unix socket. Resolves with the directory and the socket's path.
  */
 export async function makeSocketDir(name: string): Promise<{ dir: string; path: string }> {
-  // mkdtemp appends six characters to the prefix.
-  const fits = (base: string): boolean => Buffer.byteLength(join(base, 'snapstream-XXXXXX', name)) <= MAX_SOCKET_PATH_BYTES;
-  const base = [tmpdir(), SHORT_TMP].find(fits);
-  if (base === undefined) {
-    throw new SnapshotError(
-      ErrorCode.ENAMETOOLONG,
-      `no place for the migration socket: under '${tmpdir()}' (TMPDIR) its path would be longer than the ${MAX_SOCKET_PATH_BYTES} bytes a unix socket takes`,
-      { path: tmpdir() },
-    );
-  }
-  const dir = await mkdtemp(join(base, 'snapstream-')).catch((err: unknown) => {
+  // mkdtemp appends six characters to the prefix; under /tmp the path always fits.
+  const fits = Buffer.byteLength(join(tmpdir(), 'snapstream-XXXXXX', name)) <= MAX_SOCKET_PATH_BYTES;
+  const dir = await mkdtemp(join(fits ? tmpdir() : SHORT_TMP, 'snapstream-')).catch((err: unknown) => {
     throw toSnapshotError(err);
   });
   return { dir, path: join(dir, name) };
