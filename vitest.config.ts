@@ -3,7 +3,8 @@ import { defineConfig } from 'vitest/config';
 /**
  * Test files whose assertions depend on timing: event-loop probe latency,
  * how fast a second saver is refused by a lock, how long a save into an
- * image with 1000 snapshots takes. Beside other test files on two cores
+ * image with 1000 snapshots takes, how soon V8's background sweep frees dead
+ * ArrayBuffers (the export's memory bound). Beside other test files on two cores
  * they measure the neighbours, not the code. They run in their own project,
  * one file at a time, after every other file has finished (groupOrder), and
  * each states its margin where it asserts.
@@ -12,6 +13,7 @@ const SERIAL = [
   'test/reliability/concurrency.test.ts',
   'test/reliability/concurrent-savers.test.ts',
   'test/qcow2/save-many.test.ts',
+  'test/qcow2/export-memory.test.ts',
   'test/vm/live-timing.test.ts',
 ];
 

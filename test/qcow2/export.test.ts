@@ -7,7 +7,6 @@
 import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
 import { Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -17,7 +16,6 @@ import { readSnapshotVmState, vmStateLayout } from '../helpers/qcow2-vmstate.js'
 import { rootSkipReason, skipUnlessRan, Skipped, withRamfs } from '../helpers/loopfs.js';
 import { pseudoRandom, sha256 } from '../helpers/streams.js';
 import { qemuImg, requireTool, runOk, run } from '../helpers/tools.js';
-import { privateBuild } from '../reliability/private-build.js';
 import { be64, qemuMissing, readBytes, patchBytes, Workdir } from './fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -304,78 +302,3 @@ describe.skipIf(qemuSystemMissing)('qcow2 export: clusters smaller than the O_DI
     }
   });
 });
-
-describe.skipIf(qemuMissing)('qcow2 export: memory', () => {
-  /**
-   * Every chunk is new memory the consumer owns, and V8 frees dead chunks
-   * only after ~32 MiB of them (measured here: ArrayBuffer growth peaks at
-   * 32.2 MiB whatever the read-ahead, RSS at 38-42 MiB, and up to 8 MiB more
-   * under load). The child therefore collects every 16 MiB, so the bound of
-   * the issue, readAhead x chunk + 32 MiB, measures the ArrayBuffer memory the
-   * export keeps alive with room to spare; RSS, which adds the allocator's and
-   * the runtime's share, gets 32 MiB more. Either would be blown by a reader
-   * that ignored backpressure.
-   */
-  it('exports a 1 GiB vmstate within readAhead x chunk + 32 MiB of buffer memory (child process)', async () => {
-    const work = await Workdir.create('export-rss');
-    try {
-      const dist = await privateBuild(work.dir.path);
-      const path = await work.image({ sizeBytes: 64 * MiB });
-      const block = pseudoRandom(4 * MiB, 8);
-      const blocks = (function* () {
-        for (let i = 0; i < 256; i++) yield block;
-      })();
-      await pipeline(Readable.from(blocks, { objectMode: true }), createSnapshotStream(path, { snapshot: 'big' }));
-      const script = join(work.dir.path, 'rss-child.mjs');
-      await writeFile(script, rssChildSource(pathToFileURL(join(dist, 'index.js')).href));
-      const { stdout } = await runOk(process.execPath, ['--expose-gc', script, path], { timeoutMs: 120_000 });
-      const r = JSON.parse(stdout.trim().split('\n').pop()!) as { bytes: number; rssGrowthBytes: number; bufferGrowthBytes: number };
-      const bound = 2 * 4 * MiB + 32 * MiB;
-      expect(r.bytes).toBe(1024 * MiB);
-      expect(r.bufferGrowthBytes).toBeLessThan(bound);
-      expect(r.rssGrowthBytes).toBeLessThan(bound + 32 * MiB);
-    } finally {
-      await work.cleanup();
-    }
-  }, 180_000);
-});
-
-/**
- * The child: opens the image, collects the garbage of opening, then exports
- * with the defaults (2 x 4 MiB) to a Writable that drops each chunk on the
- * next turn, sampling RSS and ArrayBuffer memory every 5 ms and per chunk.
- */
-function rssChildSource(indexUrl: string): string {
-  return `
-import { Writable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import { openImage } from ${JSON.stringify(indexUrl)};
-const img = await openImage(process.argv[2], { readOnly: true });
-globalThis.gc();
-const base = process.memoryUsage();
-let peakRss = base.rss;
-let peakBuffers = base.arrayBuffers;
-let bytes = 0;
-const sample = () => {
-  const m = process.memoryUsage();
-  peakRss = Math.max(peakRss, m.rss);
-  peakBuffers = Math.max(peakBuffers, m.arrayBuffers);
-};
-const timer = setInterval(sample, 5);
-// A full collection every 16 MiB: what is measured is what the export keeps
-// alive, not how long V8 lets dead chunks lie (that varied by up to 8 MiB
-// under load and made the bound flaky).
-const GC_EVERY_BYTES = 16 << 20;
-const sink = new Writable({ write(chunk, _enc, cb) {
-  bytes += chunk.length;
-  sample();
-  if (bytes % GC_EVERY_BYTES < chunk.length) globalThis.gc();
-  setImmediate(cb);
-} });
-await pipeline(img.createVmStateReadStream('big'), sink);
-clearInterval(timer);
-sample();
-await img.close();
-console.log(JSON.stringify({ bytes, rssGrowthBytes: peakRss - base.rss, bufferGrowthBytes: peakBuffers - base.arrayBuffers }));
-`;
-}
