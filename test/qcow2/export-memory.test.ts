@@ -1,9 +1,10 @@
 /**
  * The export's memory bound (DESIGN.md: readAhead x chunk + 32 MiB), in a
- * child process. Its own file, in the serial project (vitest.config.ts): V8
- * frees the ArrayBuffers of dead chunks on a background thread after a
- * collection, and with two busy neighbours on two cores that sweep lagged
- * enough to put the peak 0.1 MiB over the bound once in CI.
+ * child process. Its own file, in the serial project (vitest.config.ts):
+ * beside two busy neighbours on two cores its peak once came out 0.1 MiB
+ * over the bound in CI, and twice across sessions before. The likely cause
+ * (not proven): V8 frees dead chunks' ArrayBuffers on a background thread
+ * after a collection, and that sweep lags when the cores are busy.
  */
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
