@@ -110,6 +110,10 @@ try {
         serviceMsPerWrite: q(service),
         doneToNextSubmitMs: q(gaps),
         producerHeldMs: Math.round(heldMs),
+        // Start to the first write's submit (open, ring, first buffer filled), and the last write's
+        // completion to the end (tail, fdatasync, close).
+        firstSubmitMs: Math.round(events[0].submit - t0),
+        lastDoneToEndMs: Math.round(t0 + ms - Math.max(...events.map((e) => e.done))),
         depthDecisions: ring?.tuner.decisions,
       }),
     );

@@ -82,6 +82,8 @@ export const ErrorCode = {
   SNAPSHOT_DISK_ONLY: 'SNAPSHOT_DISK_ONLY',
   /** A stream was given something other than a Buffer or Uint8Array. */
   INVALID_CHUNK: 'INVALID_CHUNK',
+  /** An export stream was consumed twice: read as a Readable and through pumpTo(), or pumped twice. */
+  STREAM_CONSUMED: 'STREAM_CONSUMED',
   ABORTED: 'ABORTED',
   /** QEMU answered a QMP command with an error. */
   QMP_ERROR: 'QMP_ERROR',

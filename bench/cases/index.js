@@ -35,6 +35,6 @@ import { deviceReadCases, deviceWriteCases } from './g-device.js';
 import q, { qcow2Preallocated as qp } from './q-qcow2-save.js';
 import r, { rawPreallocated as rp } from './r-raw-prealloc.js';
 import { fileToQcow2 as sf, socketAlone as sn, socketNetToQcow2 as sj, socketToQcow2 as s } from './s-socket-source.js';
-import x, { exportBefore as x0 } from './x-vmstate-export.js';
+import x, { exportBefore as x0, exportPumped as xp } from './x-vmstate-export.js';
 
-export const CASES = [a, b, c, d, e, f0, f, f2, r, rp, q, qp, s, sj, sf, sn, x0, x, ...deviceWriteCases, ...deviceReadCases, ...fioCases];
+export const CASES = [a, b, c, d, e, f0, f, f2, r, rp, q, qp, s, sj, sf, sn, x0, x, xp, ...deviceWriteCases, ...deviceReadCases, ...fioCases];

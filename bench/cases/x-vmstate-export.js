@@ -2,7 +2,9 @@
  * (x) Export: 1 GiB of vmstate read back from a qcow2 internal snapshot,
  * (x0) the same as it read before issue 12 (one native thread, zeroed chunks),
  * img.createVmStateReadStream(name) with its defaults (4 MiB chunks, 2 read
- * ahead) and O_DIRECT required, into a Writable that discards every chunk.
+ * ahead) and O_DIRECT required, into a Writable that discards every chunk;
+ * (xp) the same stream consumed with pumpTo(), which lends chunks from
+ * reused slots instead of pushing fresh memory, into a sink that discards.
  * Compared with the device read reference of the same run (the best of the
  * rd* and fio-r* cells).
  *
@@ -22,7 +24,7 @@ import { withThreads } from '../lib/threads.js';
  * `before`: the export as it was before issue 12: one native thread
  * (bench/lib/threads.js) and every chunk zeroed at allocation.
  */
-function exportCase({ id, label, before }) {
+function exportCase({ id, label, before, pump = false }) {
   return {
     id,
     label,
@@ -32,7 +34,7 @@ function exportCase({ id, label, before }) {
     container: true,
     prepare: (ctx) => readSource(ctx.workload),
     async run(_ctx, { image, bytes }) {
-      const read = await (before ? asBefore(() => exportOnce(image)) : exportOnce(image));
+      const read = await (before ? asBefore(() => exportOnce(image, pump)) : exportOnce(image, pump));
       if (read !== bytes) throw new Error(`(${id}) exported ${read} bytes, the snapshot holds ${bytes}`);
       return { bytes: read };
     },
@@ -49,18 +51,24 @@ async function asBefore(fn) {
   }
 }
 
-async function exportOnce(image) {
+async function exportOnce(image, pump) {
   const img = await openImage(image, { readOnly: true });
   try {
     const stream = img.createVmStateReadStream(READ_SOURCE_SNAPSHOT, { direct: true });
     let read = 0;
-    const discard = new Writable({
-      write(chunk, _encoding, callback) {
+    if (pump) {
+      await stream.pumpTo((chunk) => {
         read += chunk.length;
-        callback();
-      },
-    });
-    await pipeline(stream, discard);
+      });
+    } else {
+      const discard = new Writable({
+        write(chunk, _encoding, callback) {
+          read += chunk.length;
+          callback();
+        },
+      });
+      await pipeline(stream, discard);
+    }
     if (stream.direct !== true) throw new Error(`expected O_DIRECT in effect, got direct=${stream.direct}`);
     return read;
   } finally {
@@ -69,4 +77,5 @@ async function exportOnce(image) {
 }
 
 export const exportBefore = exportCase({ id: 'x0', label: 'qcow2 export before: 1 read at a time, zeroed chunks', before: true });
+export const exportPumped = exportCase({ id: 'xp', label: 'qcow2 export: the same stream through pumpTo (lent chunks)', pump: true });
 export default exportCase({ id: 'x', label: 'qcow2 export: createVmStateReadStream defaults (O_DIRECT)' });

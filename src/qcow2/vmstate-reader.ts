@@ -151,6 +151,15 @@ function zeroOutsideRuns(slot: Uint8Array, runs: readonly HostRun[]): void {
 
 type Callback = (error?: Error | null) => void;
 
+/** Calls the sink; its throw, or a value that is not a promise, becomes a settled promise. */
+function lend(sink: (chunk: Buffer) => unknown, chunk: Buffer): Promise<unknown> {
+  try {
+    return Promise.resolve(sink(chunk));
+  } catch (err) {
+    return Promise.reject(err as Error);
+  }
+}
+
 export class VmStateReadStream extends Readable {
   /** The snapshot being read (as resolved from the name asked for). */
   readonly snapshot: SnapshotInfo;
@@ -178,6 +187,8 @@ export class VmStateReadStream extends Readable {
   private _opened: Promise<void> | undefined;
   /** Consumed through pumpTo(), not as a Readable. */
   private _pumping = false;
+  /** The Readable side asked for data (_read ran): pumpTo is refused from then on. */
+  private _readAsStream = false;
 
   constructor(state: ImageState, entry: SnapshotEntry, options: ResolvedVmStateReadOptions) {
     // highWaterMark 1 byte: push() says stop after each chunk, so the Readable
@@ -223,6 +234,11 @@ export class VmStateReadStream extends Readable {
   }
 
   override _read(): void {
+    this._readAsStream = true;
+    if (this._pumping) {
+      this._fail(this._consumedError());
+      return;
+    }
     this._wanted = true;
     // Readable#read() calls _read before it takes the buffered chunk; pumping
     // on the next microtask sees it gone, so _held() lets the next read start.
@@ -275,17 +291,32 @@ export class VmStateReadStream extends Readable {
   /**
    * The vmstate handed to `sink` chunk by chunk, in order, without the
    * Readable machinery and without fresh memory per chunk: `readAhead`
-   * aligned slots are read into and reused. A chunk is valid until the
-   * promise `sink` returned for it settles; the next chunk may be handed over
-   * before that (a sink that queues in order, as StreamSocket.send does, keeps
-   * its device busy). Up to readAhead chunks are read or held at once.
+   * aligned slots are read into and reused.
    *
-   * For callers that move the bytes to a descriptor of their own (loadvm's
-   * socket). The stream closes when this settles; it must not have been read
-   * as a Readable.
+   * The chunks are lent, not given: a chunk is valid until the promise `sink`
+   * returned for it settles, and its memory is then read into again (and
+   * zeroed when the pump ends). Copy what must outlive that. The next chunk
+   * may be handed over before that promise settles (a sink that queues in
+   * order, as a socket send does, keeps its device busy); up to `readAhead`
+   * chunks are read or lent at once.
+   *
+   * Why: every chunk a Readable pushes is fresh memory the consumer owns, and
+   * on Node 20 that allocation rate keeps V8 in back-to-back mark-compacts
+   * (docs/performance.md, fifth round). Lending reused slots costs a fifth of
+   * the CPU.
+   *
+   * Resolves when `sink` has settled for the last chunk. Rejects with the
+   * first failure: a read's, `sink`'s (a throw or a rejection), or
+   * IMAGE_CLOSED when the image is closed meanwhile; nothing is handed to
+   * `sink` after that. The stream is closed when this settles. A stream is
+   * consumed once: pumpTo on a stream already read as a Readable, a second
+   * pumpTo, or reading it as a Readable while it pumps fail with
+   * STREAM_CONSUMED.
    */
-  async pumpTo(sink: (chunk: Buffer) => Promise<void>): Promise<void> {
-    invariant(!this._pumping && this._nextRead === 0 && this.readableLength === 0, 'pumpTo on a stream already read');
+  async pumpTo(sink: (chunk: Buffer) => unknown): Promise<void> {
+    if (typeof sink !== 'function') throw new TypeError(`Expected a function as the sink, received ${sink === null ? 'null' : typeof sink}`);
+    if (this._pumping || this._readAsStream) throw this._consumedError();
+    this._failOnStop();
     this._pumping = true;
     // Errors reach the caller through the returned promise; without a listener
     // a failed open (destroy from _construct) would be an uncaught 'error'.
@@ -299,7 +330,9 @@ export class VmStateReadStream extends Readable {
       const slotBytes = alignUp(this._strideBytes, this._alignment);
       slots = Array.from({ length: slotCount }, () => file!.allocBufferUninitialized(slotBytes));
       // slotFree[k]: settles when the sink is done with slot k's last chunk.
-      const slotFree: Array<Promise<void>> = slots.map(() => Promise.resolve());
+      const slotFree: Array<Promise<unknown>> = slots.map(() => Promise.resolve());
+      // The first rejection of `sink`: once it is seen, nothing more is lent.
+      let refused: { error: unknown } | undefined;
       const reads: Array<Promise<Buffer> | undefined> = [];
       const startRead = (index: number): void => {
         const read = slotFree[index % slotCount]!.then(() => this._failOnStop()).then(() => this._fill(index, slots[index % slotCount]));
@@ -310,8 +343,9 @@ export class VmStateReadStream extends Readable {
       for (let index = 0; index < this._chunkCount; index++) {
         const chunk = await reads[index]!;
         reads[index] = undefined;
-        const sent = sink(chunk);
-        pending.push(sent.catch(() => undefined));
+        if (refused !== undefined) throw refused.error;
+        const sent = lend(sink, chunk);
+        pending.push(sent.catch((error: unknown) => void (refused ??= { error })));
         slotFree[index % slotCount] = sent;
         if (index + slotCount < this._chunkCount) startRead(index + slotCount);
       }
@@ -326,15 +360,28 @@ export class VmStateReadStream extends Readable {
     }
   }
 
+  private _consumedError(): SnapshotError {
+    const how = this._pumping ? 'is being pumped (pumpTo)' : 'was read as a Readable';
+    return new SnapshotError(ErrorCode.STREAM_CONSUMED, `the export of snapshot '${this._entry.name}' ${how}: a stream is consumed once`, {
+      path: this._state.file.path,
+    });
+  }
+
   /** The open of _construct, started here when pumpTo comes first (_construct runs on the next tick). */
   private _whenOpen(): Promise<void> {
     this._opened ??= this._open();
     return this._opened;
   }
 
-  /** Throws the stream's end once it is destroyed (image closed), so a pump stops between chunks. */
+  /**
+   * Throws the stream's end once it is destroyed, so a pump stops between
+   * chunks: the error it was destroyed with (image closed, STREAM_CONSUMED),
+   * else IMAGE_CLOSED.
+   */
   private _failOnStop(): void {
-    if (this.destroyed) throw new SnapshotError(ErrorCode.IMAGE_CLOSED, `the export of snapshot '${this._entry.name}' was stopped`);
+    if (!this.destroyed) return;
+    if (this.errored instanceof SnapshotError) throw this.errored;
+    throw new SnapshotError(ErrorCode.IMAGE_CLOSED, `the export of snapshot '${this._entry.name}' was stopped`);
   }
 
   /** Lists a pumped read in _inFlight (teardown waits for it) and in `pending`. */

@@ -9,10 +9,11 @@
  * against the RAM file, qemu-io on the disk).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { mkdirSync, readdirSync, readlinkSync } from 'node:fs';
+import { mkdirSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { connectVm, type LoadVmProgress } from '../../src/index.js';
+import { descriptorsOn } from '../helpers/descriptors.js';
 import { makeRandomMemFile, PC_ROM_WINDOW, sha256File } from '../helpers/qemu.js';
 import { qemuImg, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
 import { qemuWrite, startVm, type TestVm } from './harness.js';
@@ -35,19 +36,6 @@ async function withTmpdir<T>(path: string, fn: () => Promise<T>): Promise<T> {
     if (saved === undefined) delete process.env.TMPDIR;
     else process.env.TMPDIR = saved;
   }
-}
-
-/** Descriptors of this process open on `path`. */
-function descriptorsOn(path: string): number {
-  let n = 0;
-  for (const fd of readdirSync('/proc/self/fd')) {
-    try {
-      if (readlinkSync(`/proc/self/fd/${fd}`) === path) n++;
-    } catch {
-      // closed meanwhile
-    }
-  }
-  return n;
 }
 
 function alive(pid: number): boolean {
