@@ -101,7 +101,7 @@ describe.skipIf(qemuMissing)('revertSnapshot', () => {
     await run('qemu-img', ['resize', '-q', path, '128M']);
     const grown = await openImage(path);
     try {
-      await expect(grown.revertSnapshot('small')).rejects.toMatchObject({ code: 'QCOW2_UNSUPPORTED', message: /disk size/ });
+      await expect(grown.revertSnapshot('small')).rejects.toMatchObject({ code: 'QCOW2_UNSUPPORTED', message: expect.stringMatching(/disk size/) });
     } finally {
       await grown.close();
     }

@@ -8,11 +8,11 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { connectVm, SnapshotError } from '../../src/index.js';
-import { skipUnlessRan, withLoopFs, loopFsSkipReason } from '../helpers/loopfs.js';
+import { rootSkipReason, skipUnlessRan, withLoopFs, loopFsSkipReason } from '../helpers/loopfs.js';
 import { makeRandomMemFile } from '../helpers/qemu.js';
 import { qemuImg, requireTool, tmpDir, type TmpDir } from '../helpers/tools.js';
 import { assertBuilt, BIN } from '../cli/bin-harness.js';
@@ -22,6 +22,7 @@ import { drainEvents } from './live-harness.js';
 
 const skip = requireTool('qemu-system-x86_64', 'qemu-img');
 const RAM_MIB = 256;
+const UNPRIVILEGED_UFFD = '/proc/sys/vm/unprivileged_userfaultfd';
 
 async function liveSave(vm: TestVm, name: string, stateImage: string): Promise<SnapshotError> {
   const client = await connectVm(vm.snapSocket);
@@ -134,6 +135,35 @@ describe.skipIf(skip !== undefined)('live savevm: faults leave the VM running an
   });
   afterAll(async () => {
     await dir?.cleanup();
+  });
+
+  it('a QEMU that runs as another user (-runas) cannot reach our 0700 socket directory: MIGRATION_FAILED with its words at once, the VM running, no half snapshot', async (ctx) => {
+    // QEMU as nobody may use userfaultfd (write tracking) only with this sysctl; it is restored after.
+    const skipReason = rootSkipReason('a QEMU running as nobody with userfaultfd');
+    if (skipReason !== undefined) ctx.skip(skipReason);
+    const disk = join(dir.path, 'runas.qcow2');
+    await qemuImg.create(disk, 64 << 20);
+    const stateImage = join(dir.path, 'runas-state.qcow2');
+    const saved = await readFile(UNPRIVILEGED_UFFD, 'utf8');
+    await writeFile(UNPRIVILEGED_UFFD, '1');
+    try {
+      const vm = await startVm({ dir: dir.path, ramMiB: RAM_MIB, disks: [{ path: disk }], running: true, tag: 'runas', extraArgs: ['-runas', 'nobody'] });
+      try {
+        await drainEvents(vm.qmp, 'RESUME');
+        const t0 = Date.now();
+        const error = await liveSave(vm, 'r', stateImage);
+        // QEMU's own reason, and soon: not the accept timeout for a connection that cannot come.
+        expect(error).toMatchObject({ code: 'MIGRATION_FAILED', message: expect.stringMatching(/ended 'failed' before write tracking started: .*Permission denied/) });
+        expect(Date.now() - t0).toBeLessThan(5000);
+        await expectUntouched(vm, disk, true);
+      } finally {
+        await vm.quit();
+      }
+    } finally {
+      await writeFile(UNPRIVILEGED_UFFD, saved);
+    }
+    expect((await qemuImg.check(disk)).exitCode).toBe(0);
+    await expectNoEntries(stateImage);
   });
 
   it('a migration cancelled from outside during the RAM phase', { timeout: 300_000 }, async () => {

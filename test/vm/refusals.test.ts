@@ -149,13 +149,13 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
     await qemuImg.snapshot(disk.path, 'create', 'disk-only');
     await withVm([disk], async (vm) => {
       const snap = await connectVm(vm.snapSocket);
-      await expect(snap.loadvm('disk-only')).rejects.toMatchObject({ code: 'VM_STATE', message: /-incoming defer/ });
+      await expect(snap.loadvm('disk-only')).rejects.toMatchObject({ code: 'VM_STATE', message: expect.stringMatching(/-incoming defer/) });
       await snap.close();
     });
     await withVm([disk], async (vm) => {
       const snap = await connectVm(vm.snapSocket);
-      await expect(snap.loadvm('nope')).rejects.toMatchObject({ code: 'SNAPSHOT_NOT_FOUND', message: /drive0.*'nope'/ });
-      await expect(snap.loadvm('disk-only')).rejects.toMatchObject({ code: 'SNAPSHOT_DISK_ONLY', message: /disk-only/ });
+      await expect(snap.loadvm('nope')).rejects.toMatchObject({ code: 'SNAPSHOT_NOT_FOUND', message: expect.stringMatching(/drive0.*'nope'/) });
+      await expect(snap.loadvm('disk-only')).rejects.toMatchObject({ code: 'SNAPSHOT_DISK_ONLY', message: expect.stringMatching(/disk-only/) });
       await snap.close();
       expect(await vm.status()).toBe('inmigrate');
     }, { incoming: true, running: false });
@@ -173,6 +173,6 @@ describe.skipIf(skip !== undefined)('savevm and loadvm refusals', () => {
       await snap.close();
     });
     expect(() => connectVm('')).toThrow(TypeError);
-    await expect(connectVm(join(dir.path, 'missing.qmp'))).rejects.toMatchObject({ code: 'QMP_CLOSED', message: /ENOENT/ });
+    await expect(connectVm(join(dir.path, 'missing.qmp'))).rejects.toMatchObject({ code: 'QMP_CLOSED', message: expect.stringMatching(/ENOENT/) });
   });
 });
