@@ -74,8 +74,12 @@ export interface NativeFileHandle {
 interface Addon {
   NativeFile: new (threads: number) => NativeFileHandle;
   alignmentSkip(buffer: ArrayBuffer, alignment: number): number;
+  /** madvise(MADV_HUGEPAGE) over the whole huge pages in buffer[offset, +length); returns the bytes advised. */
+  adviseHugePages(buffer: ArrayBuffer, offset: number, length: number, hugePageBytes: number): number;
   /** sysconf(_SC_PAGESIZE). */
   pageSize: number;
+  /** The transparent huge page size, 0 when the kernel offers none to madvise. */
+  hugePageSize: number;
 }
 
 // The package root is two levels above src/io and dist/io alike. node-gyp-build

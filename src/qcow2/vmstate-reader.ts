@@ -328,7 +328,8 @@ export class VmStateReadStream extends Readable {
       const file = this._file;
       const slotCount = Math.min(this._opts.readAhead, this._chunkCount);
       const slotBytes = alignUp(this._strideBytes, this._alignment);
-      slots = Array.from({ length: slotCount }, () => file!.allocBufferUninitialized(slotBytes));
+      // Zeroed (allocBuffer): slots of two huge pages or more go on huge pages (src/io/alignment.ts).
+      slots = Array.from({ length: slotCount }, () => file!.allocBuffer(slotBytes));
       // slotFree[k]: settles when the sink is done with slot k's last chunk.
       const slotFree: Array<Promise<unknown>> = slots.map(() => Promise.resolve());
       // The first rejection of `sink`: once it is seen, nothing more is lent.
