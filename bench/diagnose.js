@@ -3,7 +3,7 @@
  * Where the time goes in one stream run (docs/performance.md). Not a
  * benchmark: one process, one configuration, instrumented.
  *
- *   node bench/diagnose.js [--size MiB] [--buffers N] [--buffer-size MiB] [--threads N] [--reps N] [--dir DIR]
+ *   node bench/diagnose.js [--size MiB] [--buffers N] [--buffer-size MiB] [--threads N] [--flush-interval MiB] [--reps N] [--dir DIR]
  *
  * Per run it prints the rate, the event-loop utilisation, process CPU, and
  * from timestamps taken around TargetFile.write (submit = the call, done = the
@@ -33,6 +33,7 @@ const { values } = parseArgs({
     buffers: { type: 'string' },
     'buffer-size': { type: 'string' },
     threads: { type: 'string' },
+    'flush-interval': { type: 'string' },
     reps: { type: 'string', default: '3' },
     dir: { type: 'string', default: join(import.meta.dirname, '.tmp', `diag-${process.pid}`) },
   },
@@ -42,6 +43,7 @@ const workload = createWorkload({ totalBytes: Number(values.size) * MiB });
 const options = { direct: true };
 if (values.buffers !== undefined) options.buffers = Number(values.buffers);
 if (values['buffer-size'] !== undefined) options.bufferSize = Number(values['buffer-size']) * MiB;
+if (values['flush-interval'] !== undefined) options.flushInterval = Number(values['flush-interval']) * MiB;
 
 // --threads: native I/O threads of the stream's target (writes the disk sees at once).
 if (values.threads !== undefined) {
@@ -114,6 +116,7 @@ try {
         // completion to the end (tail, fdatasync, close).
         firstSubmitMs: Math.round(events[0].submit - t0),
         lastDoneToEndMs: Math.round(t0 + ms - Math.max(...events.map((e) => e.done))),
+        flushes: ring?.flushes,
         depthDecisions: ring?.tuner.decisions,
       }),
     );

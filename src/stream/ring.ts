@@ -31,14 +31,22 @@ export class Ring {
   private readonly _onOk: (() => void)[] = [];
   private readonly _onFail: ((err: unknown) => void)[] = [];
   private readonly _done: SlotDone;
+  private readonly _flushInterval: number;
   private _next = 0; // where the search for a FREE buffer starts, to keep file order simple
   private _inFlight = 0;
+  /** Bytes written since the last flush started; whether one runs now; flushes started (diagnostics). */
+  private _unflushed = 0;
+  private _flushing = false;
+  private _flushes = 0;
   private readonly _idleWaiters: (() => void)[] = [];
 
-  constructor(file: TargetFile, count: number, bufferSize: number, done: SlotDone) {
+  /** `flushInterval`: bytes written between fdatasync calls during the stream; 0 for none. */
+  constructor(file: TargetFile, count: number, bufferSize: number, done: SlotDone, flushInterval: number) {
     assert(count >= 2 && bufferSize > 0 && bufferSize % file.alignment === 0, 'ring geometry');
+    assert(Number.isSafeInteger(flushInterval) && flushInterval >= 0, 'flush interval');
     this._file = file;
     this._done = done;
+    this._flushInterval = flushInterval;
     this.bufferSize = bufferSize;
     this.buffers = [];
     for (let i = 0; i < count; i++) {
@@ -57,6 +65,11 @@ export class Ring {
   /** Chooses how many of the writes in flight the disk sees at once. */
   get tuner(): DepthTuner {
     return this._tuner;
+  }
+
+  /** fdatasync calls started during the stream so far (flushInterval). */
+  get flushes(): number {
+    return this._flushes;
   }
 
   /** Writes submitted and not yet completed. */
@@ -117,8 +130,38 @@ export class Ring {
         err = toSnapshotError(thrown);
       }
     }
+    if (err === undefined) this._unflushed += this._submittedBytes[index] as number;
     this._done(this._logicalBytes[index] as number, err);
-    if (this._inFlight === 0) {
+    // One flush at a time: while one runs, the bytes written meanwhile wait for the next.
+    if (err === undefined && this._flushInterval > 0 && this._unflushed >= this._flushInterval && !this._flushing && !this._file.closed) this._flush();
+    this._wakeIfIdle();
+  }
+
+  /**
+   * fdatasync of what has been written so far, queued on the target's native
+   * threads behind the writes already queued, not awaited by the producer.
+   * It is not a barrier: a write submitted meanwhile may or may not be
+   * covered, and the sink's final flush covers everything. A failure fails
+   * the stream like a failed write: a write-back error is never lost.
+   */
+  private _flush(): void {
+    this._flushing = true;
+    this._unflushed = 0;
+    this._flushes++;
+    this._file.datasync().then(
+      () => this._flushed(undefined),
+      (err: unknown) => this._flushed(toSnapshotError(err)),
+    );
+  }
+
+  private _flushed(error: SnapshotError | undefined): void {
+    this._flushing = false;
+    if (error !== undefined) this._done(0, error);
+    this._wakeIfIdle();
+  }
+
+  private _wakeIfIdle(): void {
+    if (this._inFlight === 0 && !this._flushing) {
       for (const wake of this._idleWaiters.splice(0)) wake();
     }
   }
@@ -128,9 +171,9 @@ export class Ring {
     return this._idleWaiters.length > 0;
   }
 
-  /** Resolves when no write is in flight. */
+  /** Resolves when no write and no flush is in flight. */
   idle(): Promise<void> {
-    if (this._inFlight === 0) return Promise.resolve();
+    if (this._inFlight === 0 && !this._flushing) return Promise.resolve();
     return new Promise((resolve) => {
       this._idleWaiters.push(resolve);
     });

@@ -146,7 +146,7 @@ export class SnapshotStream extends Writable {
     this._sink = sink;
     // Every buffer may be in flight at once; the native threads decide how
     // many of those the disk sees concurrently.
-    this._ring = new Ring(file, buffers, bufferSize, (bytes, err) => this._onWritten(bytes, err));
+    this._ring = new Ring(file, buffers, bufferSize, (bytes, err) => this._onWritten(bytes, err), this._opts.flushInterval);
   }
 
   /**

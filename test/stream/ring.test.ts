@@ -25,10 +25,16 @@ async function withRing<T>(
 ): Promise<T> {
   const file = await TargetFile.open(join(dir.path, name), { write: true, create: true, direct: 'auto' });
   const done = { bytes: 0, errors: [] as (SnapshotError | undefined)[] };
-  const ring = new Ring(file, count, 64 * 1024, (bytes, err) => {
-    done.bytes += bytes;
-    done.errors.push(err);
-  });
+  const ring = new Ring(
+    file,
+    count,
+    64 * 1024,
+    (bytes, err) => {
+      done.bytes += bytes;
+      done.errors.push(err);
+    },
+    0,
+  );
   try {
     return await fn(ring, file, done);
   } finally {
