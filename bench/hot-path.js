@@ -76,6 +76,7 @@ const nullFile = {
   threads: 1,
   allocBuffer: (length) => allocAligned(length, 4096),
   write: () => Promise.resolve(),
+  datasync: () => Promise.resolve(),
 };
 
 function wrappedFile(real) {
@@ -86,6 +87,7 @@ function wrappedFile(real) {
     threads: 1,
     allocBuffer: (length) => real.allocBuffer(length),
     write: (buffer, position) => real.write(buffer, position % TMPFS_WRAP_BYTES),
+    datasync: () => real.datasync(),
   };
 }
 

@@ -148,7 +148,14 @@ export class Ring {
     this._flushing = true;
     this._unflushed = 0;
     this._flushes++;
-    this._file.datasync().then(
+    let flushed: Promise<void>;
+    try {
+      flushed = this._file.datasync();
+    } catch (err) {
+      // Runs inside a write's completion: nothing may throw out of it.
+      flushed = Promise.reject(err as Error);
+    }
+    flushed.then(
       () => this._flushed(undefined),
       (err: unknown) => this._flushed(toSnapshotError(err)),
     );
