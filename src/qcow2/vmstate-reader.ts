@@ -302,8 +302,8 @@ export class VmStateReadStream extends Readable {
    *
    * Why: every chunk a Readable pushes is fresh memory the consumer owns, and
    * on Node 20 that allocation rate keeps V8 in back-to-back mark-compacts
-   * (docs/performance.md, fifth round). Lending reused slots costs a fifth of
-   * the CPU.
+   * (docs/performance.md, fifth round). Lending reused slots costs about a
+   * sixth of the CPU.
    *
    * Resolves when `sink` has settled for the last chunk. Rejects with the
    * first failure: a read's, `sink`'s (a throw or a rejection), or

@@ -131,9 +131,10 @@ export class Ring {
       }
     }
     if (err === undefined) this._unflushed += this._submittedBytes[index] as number;
-    this._done(this._logicalBytes[index] as number, err);
-    // One flush at a time: while one runs, the bytes written meanwhile wait for the next.
+    // One flush at a time: while one runs, the bytes written meanwhile wait for the next. Started
+    // before _done, so that a teardown _done sets off (destroy from a listener) waits for it too.
     if (err === undefined && this._flushInterval > 0 && this._unflushed >= this._flushInterval && !this._flushing && !this._file.closed) this._flush();
+    this._done(this._logicalBytes[index] as number, err);
     this._wakeIfIdle();
   }
 
