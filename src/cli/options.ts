@@ -36,6 +36,7 @@ export interface StreamFlags {
   buffers?: number;
   expectedSize?: number;
   preallocate?: boolean;
+  flushInterval?: number;
   quiet?: boolean;
 }
 
@@ -57,7 +58,8 @@ export function addStreamFlags(cmd: Command): Command {
     .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 up to 256M (default 16M)', bufferSizeArg)
     .option('--buffers <n>', 'buffers in the ring, >= 2 (default 3)', countArg)
     .option('--expected-size <size>', 'size hint: shown as progress, and reserved with --preallocate', sizeArg)
-    .option('--preallocate', 'reserve --expected-size bytes before the first write (ENOSPC at once, not midway)');
+    .option('--preallocate', 'reserve --expected-size bytes before the first write (ENOSPC at once, not midway)')
+    .option('--flush-interval <size>', 'fdatasync every this many bytes as the stream goes; 0: only at the end (default 64M)', sizeArg);
 }
 
 export function addQuietFlag(cmd: Command): Command {
@@ -73,6 +75,7 @@ export function toStreamOptions(flags: StreamFlags, knownSizeBytes?: number): St
   const options: StreamOptions = { direct: flags.direct === 'auto' ? 'auto' : flags.direct === 'true' };
   if (flags.bufferSize !== undefined) options.bufferSize = flags.bufferSize;
   if (flags.buffers !== undefined) options.buffers = flags.buffers;
+  if (flags.flushInterval !== undefined) options.flushInterval = flags.flushInterval;
   const expectedSize = flags.expectedSize ?? knownSizeBytes;
   if (expectedSize !== undefined) options.expectedSize = expectedSize;
   if (flags.preallocate === true) {

@@ -42,6 +42,20 @@ describe('snapstream write', () => {
     expect(sha256(readFileSync(b))).toBe(sha256(input));
   });
 
+  it('takes --flush-interval (0 for only the final flush, or a size) and refuses a bad one with exit 2', async () => {
+    for (const [name, value] of [
+      ['flush0.raw', '0'],
+      ['flush64k.raw', '64K'],
+    ] as const) {
+      const out = join(dir.path, name);
+      expect((await runBin(['write', out, inputPath, '--buffer-size', '64K', '--flush-interval', value, '--quiet'])).code).toBe(0);
+      expect(sha256(readFileSync(out))).toBe(sha256(input));
+    }
+    const bad = await runBin(['write', join(dir.path, 'flushbad.raw'), inputPath, '--flush-interval', 'often']);
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--flush-interval/);
+  });
+
   it('works at the end of a shell pipeline, as QEMU exec: migration runs it', async () => {
     const out = join(dir.path, 'exec.raw');
     const r = await runShell(`cat '${inputPath}' | $SNAPSTREAM write '${out}' -`);
