@@ -34,7 +34,7 @@ describe.skipIf(noThp !== undefined)('I/O buffers on transparent huge pages', ()
     expect(anonHugeBytes() - before).toBeGreaterThanOrEqual(8 * MiB);
   });
 
-  it('leaves smaller buffers on small pages and aligned as asked', () => {
+  it('does not ask huge pages for a buffer of one huge page, and aligns it as asked', () => {
     expect(usesHugePages(HUGE_PAGE_BYTES)).toBe(false);
     const small = allocAligned(HUGE_PAGE_BYTES, 4096);
     expect(addon.alignmentSkip(small.buffer as ArrayBuffer, 4096)).toBe(small.byteOffset);

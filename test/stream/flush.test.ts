@@ -4,13 +4,15 @@
  * are still exactly the bytes written (their SHA-256, computed by the
  * writer); and a failed flush fails the stream like a failed write.
  */
-import { readFile, stat } from 'node:fs/promises';
+import { open, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream, SnapshotError } from '../../src/index.js';
 import { TargetFile } from '../../src/io/target-file.js';
 import { DEFAULT_FLUSH_INTERVAL } from '../../src/stream/options.js';
-import { pseudoRandom, sha256OfFile } from '../helpers/streams.js';
+import { pipeline } from 'node:stream/promises';
+import { skipUnlessRan, withLoopDevice } from '../helpers/loopfs.js';
+import { fromChunks, pseudoRandom, sha256, sha256OfFile } from '../helpers/streams.js';
 import { requireTool, runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
@@ -93,5 +95,73 @@ describe('a flush that fails', () => {
     expect(() => createSnapshotStream(target, { flushInterval: -1 })).toThrow(/options\.flushInterval/);
     expect(() => createSnapshotStream(target, { flushInterval: 1.5 })).toThrow(TypeError);
     expect(() => createSnapshotStream(target, { flushInterval: '64M' as unknown as number })).toThrow(/options\.flushInterval/);
+  });
+
+  it('on a block device: flushes as it goes and the device holds the bytes', async (ctx) => {
+    const result = await withLoopDevice({ sizeBytes: 16 * MiB }, async (device) => {
+      const data = pseudoRandom(6 * MiB + 100, 31);
+      const datasync = TargetFile.prototype.datasync;
+      let syncs = 0;
+      TargetFile.prototype.datasync = function (this: TargetFile) {
+        syncs++;
+        return datasync.call(this);
+      };
+      try {
+        await pipeline(fromChunks([data]), createSnapshotStream(device, { direct: true, bufferSize: MiB, flushInterval: MiB }));
+      } finally {
+        TargetFile.prototype.datasync = datasync;
+      }
+      // Flushes during the stream, then the final one.
+      expect(syncs).toBeGreaterThanOrEqual(4);
+      const handle = await open(device, 'r');
+      try {
+        const back = Buffer.alloc(data.length);
+        await handle.read(back, 0, back.length, 0);
+        expect(sha256(back)).toBe(sha256(data));
+      } finally {
+        await handle.close();
+      }
+    });
+    skipUnlessRan(ctx, result);
+  });
+
+  it('an abort while flushes run: ABORTED, no flush left running on a closed descriptor, the partial file removed', async () => {
+    const path = join(dir.path, 'abort.bin');
+    // Watch the target: flushes started, flushes running, and how many ran when it closed.
+    const { datasync, close } = TargetFile.prototype;
+    let started = 0;
+    let running = 0;
+    let runningAtClose: number | undefined;
+    TargetFile.prototype.datasync = function (this: TargetFile) {
+      started++;
+      running++;
+      return datasync.call(this).finally(() => running--);
+    };
+    TargetFile.prototype.close = function (this: TargetFile) {
+      runningAtClose ??= running;
+      return close.call(this);
+    };
+    const controller = new AbortController();
+    const out = createSnapshotStream(path, { bufferSize: MiB, buffers: 2, flushInterval: MiB, signal: controller.signal });
+    const data = pseudoRandom(MiB, 32);
+    out.on('progress', ({ bytesWritten }: { bytesWritten: number }) => {
+      if (bytesWritten >= 8 * MiB) controller.abort();
+    });
+    const err = await new Promise<unknown>((resolve) => {
+      out.once('error', resolve);
+      out.once('finish', () => resolve(undefined));
+      const pump = (): void => {
+        for (let i = 0; i < 64 && !out.destroyed; i++) if (!out.write(data)) return void out.once('drain', pump);
+        if (!out.destroyed) out.end();
+      };
+      pump();
+    });
+    await new Promise((resolve) => (out.closed ? resolve(undefined) : out.once('close', resolve)));
+    TargetFile.prototype.datasync = datasync;
+    TargetFile.prototype.close = close;
+    expect(err).toMatchObject({ code: 'ABORTED' });
+    expect(started).toBeGreaterThanOrEqual(3); // flushes ran before the abort
+    expect(runningAtClose).toBe(0);
+    await expect(stat(path)).rejects.toMatchObject({ code: 'ENOENT' });
   });
 });
