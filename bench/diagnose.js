@@ -3,7 +3,10 @@
  * Where the time goes in one stream run (docs/performance.md). Not a
  * benchmark: one process, one configuration, instrumented.
  *
- *   node bench/diagnose.js [--size MiB] [--buffers N] [--buffer-size MiB] [--threads N] [--flush-interval MiB] [--reps N] [--dir DIR]
+ *   node bench/diagnose.js [--size MiB] [--buffers N] [--buffer-size MiB] [--threads N] [--flush-interval MiB] [--fresh-ring] [--reps N] [--dir DIR]
+ *
+ * --fresh-ring: every run allocates its ring afresh, as before the buffer pool
+ * (src/io/buffer-pool.ts); by default a run reuses the ring of the run before.
  *
  * Per run it prints the rate, the event-loop utilisation, process CPU, and
  * from timestamps taken around TargetFile.write (submit = the call, done = the
@@ -23,9 +26,11 @@ import { parseArgs } from 'node:util';
 import os from 'node:os';
 import { createSnapshotStream } from '../dist/index.js';
 import { TargetFile } from '../dist/io/target-file.js';
+import { setBufferPoolEnabled } from '../dist/io/buffer-pool.js';
 import { pumpPages } from './lib/pump.js';
 import { createWorkload } from './lib/workload.js';
 import { median } from './lib/stats.js';
+import { settleDisk } from './lib/settle.js';
 
 const { values } = parseArgs({
   options: {
@@ -34,6 +39,7 @@ const { values } = parseArgs({
     'buffer-size': { type: 'string' },
     threads: { type: 'string' },
     'flush-interval': { type: 'string' },
+    'fresh-ring': { type: 'boolean', default: false },
     reps: { type: 'string', default: '3' },
     dir: { type: 'string', default: join(import.meta.dirname, '.tmp', `diag-${process.pid}`) },
   },
@@ -44,6 +50,7 @@ const options = { direct: true };
 if (values.buffers !== undefined) options.buffers = Number(values.buffers);
 if (values['buffer-size'] !== undefined) options.bufferSize = Number(values['buffer-size']) * MiB;
 if (values['flush-interval'] !== undefined) options.flushInterval = Number(values['flush-interval']) * MiB;
+setBufferPoolEnabled(!values['fresh-ring']);
 
 // --threads: native I/O threads of the stream's target (writes the disk sees at once).
 if (values.threads !== undefined) {
@@ -120,6 +127,8 @@ try {
         depthDecisions: ring?.tuner.decisions,
       }),
     );
+    // As the bench does: the delete's discards must not land on the next run.
+    await settleDisk();
   }
 } finally {
   rmSync(values.dir, { recursive: true, force: true });

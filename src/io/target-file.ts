@@ -10,6 +10,7 @@ import { ErrorCode, SnapshotError } from '../errors.js';
 import { addon, type LockFacts, type NativeFileHandle, type OpenFacts, type StatFacts } from './native.js';
 import { call, closeHandle } from './native-call.js';
 import { allocAligned, allocAlignedUninitialized, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason, ioBufferAlignment } from './alignment.js';
+import { takeZeroedBuffer } from './buffer-pool.js';
 
 export type DirectMode = boolean | 'auto';
 export type LockKind = 'read' | 'write' | 'unlock';
@@ -139,6 +140,14 @@ export class TargetFile {
   /** A zeroed buffer aligned for this file's direct I/O (on a page boundary at least, see PAGE_BYTES). */
   allocBuffer(length: number): Uint8Array {
     return allocAligned(length, ioBufferAlignment(this.memoryAlignment, this.alignment));
+  }
+
+  /**
+   * A zeroed aligned buffer from the process's pool when one fits (src/io/buffer-pool.ts);
+   * give it back with returnZeroedBuffer, all zero and unused, or drop it.
+   */
+  takePooledBuffer(length: number): Uint8Array {
+    return takeZeroedBuffer(length, ioBufferAlignment(this.memoryAlignment, this.alignment));
   }
 
   /** An aligned buffer whose bytes are not initialised: the caller overwrites all of them. */

@@ -8,6 +8,7 @@
  */
 import { assert, internalError } from '../assert.js';
 import { toSnapshotError, type SnapshotError } from '../errors.js';
+import { returnZeroedBuffer } from '../io/buffer-pool.js';
 import type { TargetFile } from '../io/target-file.js';
 import { DepthTuner } from './depth-tuner.js';
 import type { WritePiece } from './sink.js';
@@ -50,7 +51,8 @@ export class Ring {
     this.bufferSize = bufferSize;
     this.buffers = [];
     for (let i = 0; i < count; i++) {
-      this.buffers.push(file.allocBuffer(bufferSize));
+      // The ring of a stream before, when the pool holds one (its first fill is then not a first touch).
+      this.buffers.push(file.takePooledBuffer(bufferSize));
       // One pre-bound pair per buffer, so a submit allocates no closure.
       this._onOk.push(() => this._complete(i, undefined));
       this._onFail.push((err: unknown) => this._complete(i, toSnapshotError(err)));
@@ -198,6 +200,19 @@ export class Ring {
       (this.buffers[i] as Uint8Array).fill(0, 0, Math.min(dirty, this.bufferSize));
       this._dirtyBytes[i] = 0;
     }
+  }
+
+  /**
+   * After the last wipe(), with nothing in flight: the buffers go back to the
+   * process's pool for the next stream, and this ring has none left.
+   */
+  release(): void {
+    assert(this._inFlight === 0 && !this._flushing, 'a ring is released only when idle');
+    for (let i = 0; i < this.buffers.length; i++) {
+      assert(this._dirtyBytes[i] === 0, 'a ring is released only once wiped');
+      returnZeroedBuffer(this.buffers[i] as Uint8Array);
+    }
+    this.buffers.length = 0;
   }
 }
 

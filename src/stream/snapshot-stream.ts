@@ -473,18 +473,24 @@ export class SnapshotStream extends Writable {
     this._held = null;
     this._chunk = null;
     this._vec = null;
-    if (this._sink !== undefined && !this._sinkClosed) {
-      if (!this._finalized) {
-        try {
-          await this._sink.abort(error);
-        } finally {
+    try {
+      if (this._sink !== undefined && !this._sinkClosed) {
+        if (!this._finalized) {
+          try {
+            await this._sink.abort(error);
+          } finally {
+            await this._closeSink();
+          }
+        } else {
           await this._closeSink();
         }
-      } else {
-        await this._closeSink();
       }
+    } finally {
+      // Also when the abort or the close failed: no VM memory stays in the ring.
+      this._ring?.wipe(this._fillLen);
+      // Idle (awaited above) and wiped: the next stream of this process may fill these buffers.
+      this._ring?.release();
     }
-    this._ring?.wipe(this._fillLen);
   }
 
   private async _closeSink(): Promise<void> {

@@ -141,20 +141,29 @@ interface RingInternals {
   _ring?: { buffers: Uint8Array[] };
 }
 
-/** The ring's buffers, after asserting that the ring is there with `count` of them (so the loop cannot be empty). */
+/**
+ * The ring's buffers, taken while the stream runs (once the stream ends they
+ * go back to the process's buffer pool and the ring lists none), after
+ * asserting that the ring is there with `count` of them (so the loop over them
+ * cannot be empty).
+ */
 function ringBuffers(out: object, count: number): Uint8Array[] {
   const ring = (out as RingInternals)._ring;
   expect(ring, 'the stream has no _ring: the white-box test no longer sees the buffers').toBeDefined();
   expect(ring?.buffers.length).toBe(count);
-  return ring?.buffers ?? [];
+  return [...(ring?.buffers ?? [])];
 }
 
 describe('ring buffers', () => {
   it('are all zero once a stream has finished (white-box: the ring is wiped on destroy)', async () => {
     const out = createSnapshotStream(join(await freshDir(), 'state.bin'), { bufferSize: BUFFER_BYTES, buffers: 3 });
+    let buffers: Uint8Array[] = [];
+    out.once('progress', () => (buffers = ringBuffers(out, 3)));
     await pipeline(fromChunks(chunked(pseudoRandom(5 * MiB + 77, 7), () => 300_000)), out);
     if (!out.closed) await once(out, 'close'); // the ring is wiped in _destroy, after 'finish'
-    for (const b of ringBuffers(out, 3)) expect(b.every((x) => x === 0)).toBe(true);
+    expect(buffers).toHaveLength(3);
+    for (const b of buffers) expect(b.every((x) => x === 0)).toBe(true);
+    expect(ringBuffers(out, 0), 'the wiped buffers went back to the pool').toEqual([]);
   });
 
   it('are all zero once a stream has failed (white-box)', async () => {
@@ -163,10 +172,15 @@ describe('ring buffers', () => {
       bufferSize: BUFFER_BYTES,
       signal: controller.signal,
     });
-    out.once('progress', () => controller.abort());
+    let buffers: Uint8Array[] = [];
+    out.once('progress', () => {
+      buffers = ringBuffers(out, DEFAULT_BUFFERS);
+      controller.abort();
+    });
     await failure(pipeline(fromChunks(chunked(pseudoRandom(6 * MiB, 8), () => MiB)), out));
     if (!out.closed) await once(out, 'close');
-    for (const b of ringBuffers(out, DEFAULT_BUFFERS)) expect(b.every((x) => x === 0)).toBe(true);
+    expect(buffers).toHaveLength(DEFAULT_BUFFERS);
+    for (const b of buffers) expect(b.every((x) => x === 0)).toBe(true);
   });
 });
 
