@@ -28,7 +28,7 @@ import b from './b-qemu-iov64.js';
 import c from './c-qemu-iovmax.js';
 import d from './d-write-stream.js';
 import e from './e-ring-no-overlap.js';
-import f from './f-snapshot-stream.js';
+import f, { freshRing as fc } from './f-snapshot-stream.js';
 import f2, { oldDefaults as f0 } from './f2-snapshot-stream-deep.js';
 import { fioCases } from './fio-device.js';
 import { deviceReadCases, deviceWriteCases } from './g-device.js';
@@ -37,4 +37,4 @@ import r, { rawPreallocated as rp } from './r-raw-prealloc.js';
 import { fileToQcow2 as sf, socketAlone as sn, socketNetToQcow2 as sj, socketToQcow2 as s } from './s-socket-source.js';
 import x, { exportBefore as x0, exportPumped as xp } from './x-vmstate-export.js';
 
-export const CASES = [a, b, c, d, e, f0, f, f2, r, rp, q, qp, s, sj, sf, sn, x0, x, xp, ...deviceWriteCases, ...deviceReadCases, ...fioCases];
+export const CASES = [a, b, c, d, e, f0, f, fc, f2, r, rp, q, qp, s, sj, sf, sn, x0, x, xp, ...deviceWriteCases, ...deviceReadCases, ...fioCases];

@@ -26,8 +26,10 @@ import { allocAligned, HUGE_PAGE_BYTES, usesHugePages } from './alignment.js';
 
 /** Bytes the pool may hold: a ring of the default geometry (3 x 16 MiB) and some. */
 export const POOL_MAX_BYTES = 64 * 1024 * 1024;
-/** Idle time after which the pool lets its buffers go. */
+/** Idle time after which the pool lets its buffers go, by default. */
 export const POOL_IDLE_MS = 10_000;
+/** The longest idle time setTimeout takes (2^31 - 1 ms, about 24.8 days). */
+const MAX_IDLE_MS = 2 ** 31 - 1;
 
 /** The address alignment each buffer handed out here was allocated with. */
 const alignmentOf = new WeakMap<Uint8Array, number>();
@@ -36,6 +38,7 @@ let pooledBytes = 0;
 let idleTimer: NodeJS.Timeout | undefined;
 /** Off in measurements of fresh memory (setBufferPoolEnabled). */
 let enabled = true;
+let idleMs = POOL_IDLE_MS;
 
 /** A zeroed buffer of `length` bytes aligned to `alignment`: a pooled one when one fits, else a fresh one. */
 export function takeZeroedBuffer(length: number, alignment: number): Uint8Array {
@@ -88,7 +91,18 @@ export function setBufferPoolEnabled(on: boolean): void {
   enabled = on;
 }
 
+/**
+ * How long the pool keeps buffers nobody takes. For a process that streams
+ * at intervals longer than the default (the bench keeps its rings for the
+ * whole run, as its device cells keep their buffers).
+ */
+export function setBufferPoolIdleMs(ms: number): void {
+  if (!Number.isInteger(ms) || ms < 1 || ms > MAX_IDLE_MS) throw new RangeError(`Expected an integer from 1 to ${MAX_IDLE_MS} for the idle time, received ${ms}`);
+  idleMs = ms;
+  touch();
+}
+
 function touch(): void {
   if (idleTimer !== undefined) clearTimeout(idleTimer);
-  idleTimer = pooled.length === 0 ? undefined : setTimeout(drainBufferPool, POOL_IDLE_MS).unref();
+  idleTimer = pooled.length === 0 ? undefined : setTimeout(drainBufferPool, idleMs).unref();
 }

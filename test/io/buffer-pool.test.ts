@@ -16,6 +16,7 @@ import {
   POOL_IDLE_MS,
   POOL_MAX_BYTES,
   returnZeroedBuffer,
+  setBufferPoolIdleMs,
   takeZeroedBuffer,
 } from '../../src/io/buffer-pool.js';
 import { failure } from '../helpers/failure.js';
@@ -54,6 +55,7 @@ async function streamOnce(data: Buffer, options: { bufferSize: number; buffers: 
 
 afterEach(() => {
   vi.useRealTimers();
+  setBufferPoolIdleMs(POOL_IDLE_MS);
   drainBufferPool();
 });
 
@@ -128,5 +130,15 @@ describe('the I/O buffer pool', () => {
     expect(bufferPoolBytes()).toBe(MiB);
     vi.advanceTimersByTime(1);
     expect(bufferPoolBytes()).toBe(0);
+
+    // A longer idle time, set while buffers wait, applies to them at once.
+    returnZeroedBuffer(takeZeroedBuffer(MiB, 4096));
+    setBufferPoolIdleMs(60_000);
+    vi.advanceTimersByTime(59_999);
+    expect(bufferPoolBytes()).toBe(MiB);
+    vi.advanceTimersByTime(1);
+    expect(bufferPoolBytes()).toBe(0);
+    expect(() => setBufferPoolIdleMs(0)).toThrow(RangeError);
+    expect(() => setBufferPoolIdleMs(Infinity)).toThrow(RangeError);
   });
 });
