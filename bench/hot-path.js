@@ -10,7 +10,8 @@
  *   _write/_writev, the ring copy, the submit;
  * - SnapshotStream over a tmpfs file through the native threads (positions
  *   wrap at 64 MiB so /dev/shm never fills): adds the addon round trip.
- * Results: bench/results/hot-path.json (benny's format, with details).
+ * Results: bench/results/hot-path.json (benny's format, with details), or
+ * hot-path.json in the folder given by --results DIR.
  */
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -20,12 +21,14 @@ import { finished } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import b from 'benny';
 import { allocAligned } from '../dist/io/alignment.js';
+import { takeZeroedBuffer } from '../dist/io/buffer-pool.js';
 import { TargetFile } from '../dist/io/target-file.js';
 import { validateStreamOptions } from '../dist/options.js';
 import { SnapshotStream } from '../dist/stream/snapshot-stream.js';
 import { createWorkload, HEADER_BYTES, PAGE_BYTES } from './lib/workload.js';
 
-const RESULTS_DIR = fileURLToPath(new URL('./results/', import.meta.url));
+const resultsArg = process.argv.indexOf('--results');
+const RESULTS_DIR = resultsArg > 0 && process.argv[resultsArg + 1] !== undefined ? process.argv[resultsArg + 1] : fileURLToPath(new URL('./results/', import.meta.url));
 const WRITES_PER_OP = 512;
 const HOT_PATH_TARGET = 1.2;
 const RING_BUFFER_BYTES = 4 << 20;
@@ -75,6 +78,7 @@ const nullFile = {
   alignment: 4096,
   threads: 1,
   allocBuffer: (length) => allocAligned(length, 4096),
+  takePooledBuffer: (length) => takeZeroedBuffer(length, 4096),
   write: () => Promise.resolve(),
   datasync: () => Promise.resolve(),
 };
@@ -86,6 +90,7 @@ function wrappedFile(real) {
     alignment: real.alignment,
     threads: 1,
     allocBuffer: (length) => real.allocBuffer(length),
+    takePooledBuffer: (length) => real.takePooledBuffer(length),
     write: (buffer, position) => real.write(buffer, position % TMPFS_WRAP_BYTES),
     datasync: () => real.datasync(),
   };

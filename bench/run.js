@@ -286,7 +286,7 @@ function report(run, resultsDir) {
 
 function runHotPath(opts) {
   console.log('\nbenny hot-path suite (bench/hot-path.js)');
-  const args = ['--expose-gc', join(BENCH_DIR, 'hot-path.js'), ...(opts.quick ? ['--quick'] : [])];
+  const args = ['--expose-gc', join(BENCH_DIR, 'hot-path.js'), ...(opts.quick ? ['--quick'] : []), ...(opts.resultsDir !== undefined ? ['--results', opts.resultsDir] : [])];
   const r = spawnSync(process.execPath, args, { stdio: 'inherit' });
   if (r.status !== 0) process.exitCode = r.status ?? 1;
 }

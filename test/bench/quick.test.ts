@@ -1,5 +1,6 @@
 /**
- * `node bench/run.js --quick` (the bench's smoke run) works on this tree:
+ * `node bench/run.js --quick` (the bench's smoke run) works on this tree, the
+ * hot-path suite included:
  * every registered case runs once on a small stream, each output that can be
  * checked is compared byte for byte with the stream (SHA-256, bench/run.js
  * --verify), and the samples come out. A case broken by a change to the
@@ -42,4 +43,13 @@ describe('bench/run.js --quick', () => {
     }
     expect(r.stdout).toContain('targets');
   }, 660_000);
+
+  it('runs the hot-path suite (its stand-in targets included) and saves its results where asked', async () => {
+    const out = join(dir.path, 'hot');
+    const r = await runOk(process.execPath, [join(ROOT, 'bench', 'run.js'), '--quick', '--hot-path-only', '--results', out], { cwd: ROOT, timeoutMs: 300_000 });
+    expect(r.stdout).toMatch(/target: (PASS|MISS) {2}SnapshotStream \(null sink\) 8 B \+ 4 KiB at [\d.]+x/);
+    const saved = JSON.parse(readFileSync(join(out, 'hot-path.json'), 'utf8')) as { results: Array<{ name: string; ops: number }> };
+    expect(saved.results.map((x) => x.name)).toHaveLength(5);
+    for (const x of saved.results) expect(x.ops, x.name).toBeGreaterThan(0);
+  }, 330_000);
 });
