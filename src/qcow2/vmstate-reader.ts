@@ -33,9 +33,9 @@ import { toSnapshotInfo, type SnapshotInfo } from './snapshot-info.js';
 import type { SnapshotEntry } from './snapshot-table.js';
 
 /**
- * Bytes per chunk pushed downstream. 4 MiB, although the writer's buffers are
- * 16 MiB: every chunk is fresh memory the consumer owns, and the export's
- * memory bound is readAhead x chunk (docs/performance.md).
+ * Bytes per chunk pushed downstream: 4 MiB, the writer's buffer size too.
+ * Every chunk is fresh memory the consumer owns, and the export's memory
+ * bound is readAhead x chunk (docs/performance.md).
  */
 export const VMSTATE_READ_CHUNK_BYTES = 4 * 1024 * 1024;
 /**

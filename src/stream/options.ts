@@ -9,19 +9,27 @@ import type { DirectMode } from '../io/target-file.js';
 import { validateChoice, validateInteger, validateMultiple, validateSignal } from '../validate.js';
 
 /**
- * 16 MiB: a block device splits a write into requests of at most
- * max_sectors_kb (4 MiB on the virtio disk here), so one 16 MiB pwrite puts
- * four requests in flight at once. Measured here: the addon writing 16 MiB
- * blocks one at a time beat 4 MiB blocks (87 against 51 MiB/s under load,
- * bench grid), and the stream with 16 MiB buffers beat 4 MiB in interleaved
- * runs (docs/performance.md); the first figures of issue 12 showed the same
- * (2 x 16 MiB at 0.7x of the device against 0.36-0.65x for 2 x 4 MiB).
+ * 4 MiB: two huge pages, and one request of the virtio disk here
+ * (max_sectors_kb). Until the sixth round this was 16 MiB: on the disks of
+ * earlier rounds, before buffers sat on huge pages and before the stream
+ * flushed as it went, 16 MiB writes beat 4 MiB ones (docs/performance.md).
+ * Measured again with both (sixth round, 1 GiB, MiB/s medians):
+ * - a process's first stream, whose ring is fresh memory, 6 runs each in
+ *   fresh processes: 3 x 16 MiB 1383, 3 x 4 MiB 1650, 4 x 4 MiB 1663, against
+ *   a 16 MiB device write of 1808. Fresh memory is slow to touch on a virtual
+ *   machine, and a 48 MiB ring is four times as much of it as a 12 MiB one;
+ * - the steady state, the ring reused (src/io/buffer-pool.ts), bench subset of
+ *   4 runs: f 1869 against 1743, q 1795 against 1618, the socket source (as
+ *   savevm) 1831 against 1597;
+ * - a disk throttled to 100 MiB/s: 100 MiB/s either way;
+ * - a 1 GiB savevm of a running VM: 0.59-0.69 s against 0.64-0.80 s.
+ * And the ring costs a quarter of the memory.
  */
-export const DEFAULT_BUFFER_SIZE = 16 << 20;
+export const DEFAULT_BUFFER_SIZE = 4 << 20;
 /**
  * Three: one filling while up to two wait for or sit on the disk, so the
  * disk has the next write queued when one completes, and the depth tuner
- * (depth-tuner.ts) can try two at once. Memory: 48 MiB per stream.
+ * (depth-tuner.ts) can try two at once. Memory: 12 MiB per stream.
  */
 export const DEFAULT_BUFFERS = 3;
 /**
@@ -50,7 +58,7 @@ export type Preallocate = 'none' | 'space';
 
 /** The stream's own options, as a caller passes them. */
 export interface StreamCoreOptions {
-  /** Bytes per ring buffer; a multiple of the target's alignment. Default 16 MiB. */
+  /** Bytes per ring buffer; a multiple of the target's alignment. Default 4 MiB. */
   bufferSize?: number;
   /** Buffers in the ring, >= 2. Default 3. */
   buffers?: number;
