@@ -5,8 +5,11 @@
  *
  * (f) takes its ring from the process's buffer pool, where the streams
  * before it left theirs (the runner keeps the pool for the whole run, as the
- * device cells keep their buffers). (fc) is the same stream with a ring of
- * fresh memory, as the first stream of a process has (src/io/buffer-pool.ts).
+ * device cells keep their buffers). (fc) is the same stream with the pool
+ * bypassed, its ring allocated as a process's first stream allocates it
+ * (src/io/buffer-pool.ts); malloc may still hand back memory it kept from
+ * earlier streams, so a process's first stream is measured in fresh
+ * processes instead (docs/performance.md, sixth round).
  */
 import { once } from 'node:events';
 import { createSnapshotStream } from '../../dist/index.js';
@@ -18,7 +21,7 @@ import { setBufferPoolEnabled } from '../../dist/io/buffer-pool.js';
 
 /**
  * `threads`: force the target's native threads (bench/lib/threads.js), for the old configuration.
- * `freshRing`: bypass the buffer pool, so the ring is memory never touched before.
+ * `freshRing`: bypass the buffer pool, so the ring is allocated afresh.
  */
 export function snapshotStreamCase({ id, label, buffers, bufferSize, threads, freshRing = false }) {
   const options = { direct: true };
@@ -62,6 +65,6 @@ export default snapshotStreamCase({
 
 export const freshRing = snapshotStreamCase({
   id: 'fc',
-  label: `the same, its ring fresh memory (a process's first stream)`,
+  label: `the same, the buffer pool bypassed (ring allocated afresh)`,
   freshRing: true,
 });
