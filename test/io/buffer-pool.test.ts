@@ -9,6 +9,9 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createSnapshotStream } from '../../src/index.js';
+import { TargetFile } from '../../src/io/target-file.js';
+import { validateStreamOptions } from '../../src/options.js';
+import { SnapshotStream } from '../../src/stream/snapshot-stream.js';
 import { allocAligned } from '../../src/io/alignment.js';
 import {
   bufferPoolBytes,
@@ -89,6 +92,37 @@ describe('the I/O buffer pool', () => {
     const taken = [takeZeroedBuffer(2 * MiB, 4096), takeZeroedBuffer(2 * MiB, 4096)];
     expect(new Set([...ring, ...taken]).size, 'the aborted ring came back').toBe(2);
     for (const b of taken) expect(b.every((x) => x === 0)).toBe(true);
+  });
+
+  it("wipes the ring, and pools it, even when the sink's abort and close fail", async () => {
+    drainBufferPool();
+    const file = await TargetFile.open(freshPath(), { write: true, create: true, direct: false, threads: 2 });
+    let closed = false;
+    const out = new SnapshotStream(validateStreamOptions({ bufferSize: MiB, buffers: 2 }), async () => ({
+      file,
+      baseOffset: 0,
+      maxLength: undefined,
+      finalize: async () => {},
+      abort: async () => {
+        throw new Error('the sink could not undo its writes');
+      },
+      close: async () => {
+        closed = true;
+        await file.close();
+        throw new Error('the sink could not close');
+      },
+    }));
+    let ring: Uint8Array[] = [];
+    out.once('progress', () => {
+      ring = [...((out as RingInternals)._ring?.buffers ?? [])];
+      out.destroy(new Error('stopped by the test'));
+    });
+    await expect(pipeline(fromChunks(chunked(pseudoRandom(8 * MiB, 37), () => MiB)), out)).rejects.toThrow('stopped by the test');
+    if (!out.closed) await new Promise((resolve) => out.once('close', resolve));
+    expect(closed, 'the sink was closed').toBe(true);
+    expect(ring).toHaveLength(2);
+    for (const b of ring) expect(b.every((x) => x === 0)).toBe(true);
+    expect(bufferPoolBytes()).toBe(2 * MiB);
   });
 
   it('never gives one buffer to two streams that run at once', async () => {
