@@ -22,7 +22,7 @@
  *   kept a chunk past its lend would otherwise see another stream's data.
  */
 import { assert } from '../assert.js';
-import { allocAligned, HUGE_PAGE_BYTES, usesHugePages } from './alignment.js';
+import { allocAligned } from './alignment.js';
 
 /** Bytes the pool may hold: several rings of the default geometry (3 x 4 MiB), or one of 3 x 16 MiB. */
 export const POOL_MAX_BYTES = 64 * 1024 * 1024;
@@ -31,7 +31,7 @@ export const POOL_IDLE_MS = 10_000;
 /** The longest idle time setTimeout takes (2^31 - 1 ms, about 24.8 days). */
 const MAX_IDLE_MS = 2 ** 31 - 1;
 
-/** The address alignment each buffer handed out here was allocated with. */
+/** The address alignment each buffer handed out here was asked for (it may have more). */
 const alignmentOf = new WeakMap<Uint8Array, number>();
 const pooled: Uint8Array[] = [];
 let pooledBytes = 0;
@@ -52,7 +52,7 @@ export function takeZeroedBuffer(length: number, alignment: number): Uint8Array 
     }
   }
   const buffer = allocAligned(length, alignment);
-  alignmentOf.set(buffer, usesHugePages(length) ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment);
+  alignmentOf.set(buffer, alignment);
   return buffer;
 }
 

@@ -475,13 +475,9 @@ export class SnapshotStream extends Writable {
     this._vec = null;
     try {
       if (this._sink !== undefined && !this._sinkClosed) {
-        if (!this._finalized) {
-          try {
-            await this._sink.abort(error);
-          } finally {
-            await this._closeSink();
-          }
-        } else {
+        try {
+          if (!this._finalized) await this._sink.abort(error);
+        } finally {
           await this._closeSink();
         }
       }
