@@ -79,9 +79,13 @@ function deviceRead(inFlight, blockMiB) {
       if (!f.direct) throw new Error(`O_DIRECT is not in effect for ${source}`);
       let bytes = 0;
       await sweep(total, blockBytes, inFlight, async (slot, pos) => {
-        bytes += await f.read(blocks[slot], pos);
+        // Not `bytes += await ...`: that reads `bytes` before the await, and
+        // with reads in flight together all but one of their counts were lost.
+        const got = await f.read(blocks[slot], pos);
+        bytes += got;
       });
       await f.close();
+      if (bytes !== total) throw new Error(`(rd${blockMiB}x${inFlight}) read ${bytes} bytes, expected ${total}`);
       return { bytes };
     },
   };
