@@ -105,6 +105,7 @@ Napi::Function NativeFile::Init(Napi::Env env) {
                          InstanceMethod<&NativeFile::Accept>("accept"),
                          InstanceMethod<&NativeFile::Send>("send"),
                          InstanceMethod<&NativeFile::Recv>("recv"),
+                         InstanceMethod<&NativeFile::Prefault>("prefault"),
                          InstanceMethod<&NativeFile::Shutdown>("shutdown"),
                      });
 }
@@ -252,6 +253,9 @@ void NativeFile::Execute(Op* op) {
     case OpKind::Recv:
       op->result = RecvFull(fd, op->data, op->length);
       break;
+    case OpKind::Prefault:
+      op->result = PrefaultWrite(op->data, op->length);
+      break;
   }
 }
 
@@ -287,7 +291,8 @@ void NativeFile::Complete(Napi::Env env, Napi::Function, NativeFile* self, Op* o
 
 void NativeFile::Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value& callback, const Napi::Value& buffer) {
   if (disposed_) throw Napi::Error::New(env, "file is disposed");
-  if (op->kind != OpKind::Open && op->kind != OpKind::Connect && op->kind != OpKind::Listen && fd_ < 0) throw Napi::Error::New(env, "file is not open");
+  const bool needsFd = op->kind != OpKind::Open && op->kind != OpKind::Connect && op->kind != OpKind::Listen && op->kind != OpKind::Prefault;
+  if (needsFd && fd_ < 0) throw Napi::Error::New(env, "file is not open");
   op->pins = Pin(callback, buffer);
   if (pending_++ == 0) tsfn_.Ref(env);
   {
@@ -383,6 +388,11 @@ std::unique_ptr<Op> NativeFile::SocketOp(const Napi::CallbackInfo& info, OpKind 
 Napi::Value NativeFile::Send(const Napi::CallbackInfo& info) { return SubmitStream(info, OpKind::Send); }
 
 Napi::Value NativeFile::Recv(const Napi::CallbackInfo& info) { return SubmitStream(info, OpKind::Recv); }
+
+// prefault(buffer, cb): maps the buffer's pages writable on this object's
+// thread, so that a later read into it does not fault them in itself. Needs no
+// descriptor: an object only ever used for this is never opened.
+Napi::Value NativeFile::Prefault(const Napi::CallbackInfo& info) { return SubmitStream(info, OpKind::Prefault); }
 
 Napi::Value NativeFile::SubmitStream(const Napi::CallbackInfo& info, OpKind kind) {
   Napi::Env env = info.Env();

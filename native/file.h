@@ -13,6 +13,11 @@
 // buffers on these threads, not through JS. shutdown() wakes a send or recv
 // blocked on a peer that stopped, and ends a pending accept.
 //
+// prefault(buffer) needs no descriptor: it maps a buffer's pages in
+// (MADV_POPULATE_WRITE) on the object's thread. src/io/prefaulter.ts keeps an
+// object that is never opened for that alone, so the mapping runs beside the
+// reads of the file's own threads.
+//
 // Ordering: operations start in FIFO order on `threads` workers, at most
 // `setConcurrency(n)` of them at once (default: all threads). With more than
 // one running, two queued operations may run concurrently; the TypeScript
@@ -34,7 +39,7 @@
 
 namespace snapstream {
 
-enum class OpKind { Open, Write, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close, Connect, Listen, Accept, Send, Recv };
+enum class OpKind { Open, Write, Read, DataSync, Truncate, Allocate, GetLock, SetLock, Stat, Close, Connect, Listen, Accept, Send, Recv, Prefault };
 
 // The JavaScript values an operation keeps alive: its buffer and its callback.
 // Created, reset and destroyed on the JS thread only (a Napi::Reference may
@@ -93,6 +98,7 @@ class NativeFile : public Napi::ObjectWrap<NativeFile> {
   Napi::Value Accept(const Napi::CallbackInfo& info);
   Napi::Value Send(const Napi::CallbackInfo& info);
   Napi::Value Recv(const Napi::CallbackInfo& info);
+  Napi::Value Prefault(const Napi::CallbackInfo& info);
   Napi::Value Shutdown(const Napi::CallbackInfo& info);
 
   Napi::Value SubmitBare(const Napi::CallbackInfo& info, OpKind kind);

@@ -5,6 +5,7 @@
 #include <linux/fs.h>
 #include <poll.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/time.h>
@@ -121,6 +122,26 @@ SysResult ReadFull(int fd, uint8_t* data, size_t length, int64_t offset) {
     done += static_cast<size_t>(n);
   }
   return Ok(static_cast<int64_t>(done));
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14 (uapi asm-generic/mman-common.h)
+#endif
+
+SysResult PrefaultWrite(uint8_t* data, size_t length) {
+  long page = sysconf(_SC_PAGESIZE);
+  auto mask = static_cast<uintptr_t>(page > 0 ? page : 4096) - 1;
+  auto begin = reinterpret_cast<uintptr_t>(data);
+  // Whole pages only (I/O buffers start on a page boundary): a page shared
+  // with other memory is left to its first access.
+  uintptr_t start = (begin + mask) & ~mask;
+  uintptr_t end = (begin + length) & ~mask;
+  if (end <= start) return Ok(0);
+  int rc;
+  do {
+    rc = madvise(reinterpret_cast<void*>(start), end - start, MADV_POPULATE_WRITE);
+  } while (rc != 0 && errno == EINTR);
+  return rc == 0 ? Ok(static_cast<int64_t>(end - start)) : Fail("madvise");
 }
 
 SysResult DataSync(int fd) {

@@ -78,4 +78,10 @@ SysResult ListenUnix(const std::string& path, int* fd);
 SysResult AcceptOne(int listenFd, int waitMs, int timeoutMs, const std::atomic<bool>* cancelled, int* fd);
 SysResult RecvFull(int fd, uint8_t* data, size_t length);
 
+// Memory, not a file: maps every whole page inside [data, data + length)
+// writable, as a first write would, without touching the bytes
+// (madvise MADV_POPULATE_WRITE, Linux 5.14). `bytes` is the length populated;
+// EINVAL from an older kernel leaves the faults to the first real access.
+SysResult PrefaultWrite(uint8_t* data, size_t length);
+
 }  // namespace snapstream

@@ -119,21 +119,3 @@ export function allocAligned(length: number, alignment: number): Uint8Array {
   if (huge) addon.adviseHugePages(backing, skip, length, HUGE_PAGE_BYTES);
   return new Uint8Array(backing, skip, length);
 }
-
-/**
- * Like allocAligned, but the window's bytes are not initialised (malloc, not
- * calloc): for buffers that are about to be overwritten in full. The bytes
- * outside the window, reachable through `.buffer`, are zeroed, so no stale
- * process memory is exposed there.
- */
-export function allocAlignedUninitialized(length: number, alignment: number): Uint8Array {
-  if (!Number.isSafeInteger(length) || length < 0) throw new RangeError(`Expected a byte length, received ${length}`);
-  if (!isPowerOfTwo(alignment)) throw new RangeError(`Expected a power-of-two alignment, received ${alignment}`);
-  const backing = Buffer.allocUnsafeSlow(length + alignment).buffer;
-  const skip = addon.alignmentSkip(backing, alignment);
-  assert.ok(Number.isInteger(skip) && skip >= 0 && skip < alignment, 'alignment skip out of range');
-  const whole = new Uint8Array(backing);
-  whole.fill(0, 0, skip);
-  whole.fill(0, skip + length);
-  return new Uint8Array(backing, skip, length);
-}

@@ -67,6 +67,8 @@ export interface NativeFileHandle {
   send(buffer: Uint8Array, cb: Completion): void;
   /** Reads until `buffer` is full or the peer closes; `bytes` says how many. */
   recv(buffer: Uint8Array, cb: Completion): void;
+  /** Maps the whole pages of `buffer` writable (MADV_POPULATE_WRITE) on this object's thread; needs no descriptor. */
+  prefault(buffer: Uint8Array, cb: Completion): void;
   /** shutdown(SHUT_RDWR) now, on this thread: a blocked send/recv returns. Returns the errno, 0 on success. */
   shutdown(): number;
 }

@@ -9,7 +9,7 @@
 import { ErrorCode, SnapshotError } from '../errors.js';
 import { addon, type LockFacts, type NativeFileHandle, type OpenFacts, type StatFacts } from './native.js';
 import { call, closeHandle } from './native-call.js';
-import { allocAligned, allocAlignedUninitialized, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason, ioBufferAlignment } from './alignment.js';
+import { allocAligned, DEFAULT_ALIGNMENT, directAlignment, directUnsupportedReason, ioBufferAlignment } from './alignment.js';
 import { takeZeroedBuffer } from './buffer-pool.js';
 
 export type DirectMode = boolean | 'auto';
@@ -148,11 +148,6 @@ export class TargetFile {
    */
   takePooledBuffer(length: number): Uint8Array {
     return takeZeroedBuffer(length, ioBufferAlignment(this.memoryAlignment, this.alignment));
-  }
-
-  /** An aligned buffer whose bytes are not initialised: the caller overwrites all of them. */
-  allocBufferUninitialized(length: number): Uint8Array {
-    return allocAlignedUninitialized(length, ioBufferAlignment(this.memoryAlignment, this.alignment));
   }
 
   /** Writes all of `buffer` at `position`, or rejects with a coded error. */

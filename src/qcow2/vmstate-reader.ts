@@ -12,17 +12,20 @@
  * `readAhead` chunks are held at once (in flight, ready, or buffered in the
  * Readable), so the next read runs while the consumer handles this chunk.
  *
- * Buffers: every chunk is read into a fresh aligned buffer that is pushed as
- * is and never reused, so the consumer owns what it gets and may keep it: one
- * allocation per chunk (4 MiB by default), no copy. The alternative, fixed
- * aligned slots plus one pushed copy per chunk, allocates just as much per
- * chunk and measured worse here: exporting 1 GiB to a discarding Writable
- * peaked at +47 MiB RSS against +39 MiB, since V8 collects dead chunks only
- * after ~32 MiB of them, and the slots come on top of that.
+ * Buffers: as a Readable, every chunk is read into a fresh aligned buffer
+ * that is pushed as is and never reused, so the consumer owns what it gets
+ * and may keep it: one allocation per chunk (4 MiB by default), no copy.
+ * Fresh memory is what costs here (docs/performance.md, seventh round): a
+ * direct read faults its buffer's pages in before the device starts. So a
+ * chunk of two huge pages or more is allocated on huge pages (as the ring's
+ * buffers are), and its pages are mapped on a thread of its own (Prefaulter)
+ * while earlier chunks are read; `readAhead` chunks are under way at once.
+ * pumpTo() lends chunks from reused slots instead and needs none of this.
  */
 import { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
 import { alignDown, alignUp } from '../io/alignment.js';
+import { Prefaulter } from '../io/prefaulter.js';
 import { TargetFile, type DirectMode } from '../io/target-file.js';
 import { MAX_BUFFER_SIZE, MAX_BUFFERS } from '../stream/options.js';
 import { validateChoice, validateInteger, validateOptionsObject } from '../validate.js';
@@ -35,18 +38,20 @@ import type { SnapshotEntry } from './snapshot-table.js';
 /**
  * Bytes per chunk pushed downstream: 4 MiB, the writer's buffer size too.
  * Every chunk is fresh memory the consumer owns, and the export's memory
- * bound is readAhead x chunk (docs/performance.md).
+ * bound is readAhead x chunk, each with the huge page of slack its alignment
+ * may take (docs/performance.md).
  */
 export const VMSTATE_READ_CHUNK_BYTES = 4 * 1024 * 1024;
 /**
- * Two chunks: one read in flight while the consumer handles the other (double
- * buffering). More would not bound memory better: every chunk is fresh memory
- * and V8 collects dead ones only after ~32 MiB of them; with 4 held, a 1 GiB
- * export peaked at +84 MiB of ArrayBuffers (test/qcow2/export.test.ts bound: 40).
+ * Four chunks under way: being prefaulted, read, or waiting for the consumer.
+ * A Readable's chunks are fresh memory, and mapping it in is as slow as the
+ * read here (docs/performance.md, seventh round): with two, mapping ran no
+ * further ahead than reading; four measured best of 2, 3, 4 and 6, and as
+ * well as three 8 MiB chunks. pumpTo reuses this many slots.
  */
-export const DEFAULT_READ_AHEAD = 2;
+export const DEFAULT_READ_AHEAD = 4;
 /**
- * Native threads of the data descriptor: when the consumer is waiting, both
+ * Native threads of the data descriptor: when the consumer is waiting, two
  * held chunks are read at once. Measured here (docs/performance.md): 0.95-1.2x
  * the export rate of one thread on a loop disk, 1.12x on a throttled one.
  */
@@ -57,7 +62,7 @@ const MIN_CHUNK_BYTES = 4096;
 export interface VmStateReadOptions {
   /** Bytes per chunk, rounded down to whole clusters (at least one). Default 4 MiB. */
   chunkBytes?: number;
-  /** Chunks held at once (reading, ready or buffered); memory is readAhead x chunk. Default 2. */
+  /** Chunks held at once (mapping, reading, ready or buffered); memory is readAhead x chunk. Default 4. */
   readAhead?: number;
   /** O_DIRECT for the data reads: true, false, or 'auto' (where the filesystem allows). Default 'auto'. */
   direct?: DirectMode;
@@ -175,6 +180,8 @@ export class VmStateReadStream extends Readable {
   private _lookup: ClusterLookup | undefined;
   /** Read alignment of the data descriptor: its DIO alignment under O_DIRECT, else 1. */
   private _alignment = 1;
+  /** Maps a Readable's fresh chunks in ahead of their reads (created with the first). */
+  private _prefaulter: Prefaulter | undefined;
   /** Next chunk to start reading, next chunk to push. */
   private _nextRead = 0;
   private _nextPush = 0;
@@ -345,6 +352,9 @@ export class VmStateReadStream extends Readable {
         const chunk = await reads[index]!;
         reads[index] = undefined;
         if (refused !== undefined) throw refused.error;
+        // Stopped meanwhile (the image closed, or read as a Readable): nothing
+        // more is lent, even when every remaining read had already started.
+        this._failOnStop();
         const sent = lend(sink, chunk);
         pending.push(sent.catch((error: unknown) => void (refused ??= { error })));
         slotFree[index % slotCount] = sent;
@@ -406,16 +416,26 @@ export class VmStateReadStream extends Readable {
     const lengthBytes = Math.min(this._strideBytes, this._entry.vmStateSize - position);
     const clusters = Math.ceil(lengthBytes / clusterSize);
     // Whole clusters, so a run's length is aligned whenever the cluster size is.
-    // Not zeroed up front (a 4 MiB calloc per chunk was the export's largest
-    // CPU cost after the read itself, docs/performance.md): every byte is
-    // either read or zeroed below, so nothing stale reaches the consumer.
-    const view = slot ?? file.allocBufferUninitialized(alignUp(clusters * clusterSize, this._alignment));
+    const view = slot ?? (await this._freshChunk(file, alignUp(clusters * clusterSize, this._alignment)));
     const runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
     for (const run of runs) await this._readRun(file, view, run);
     zeroOutsideRuns(view, runs);
     const chunk = Buffer.from(view.buffer, view.byteOffset, lengthBytes);
     invariant(chunk.length === lengthBytes && runs.every((r) => r.chunkOffset + r.lengthBytes <= view.length), 'vmstate chunk bounds');
     return chunk;
+  }
+
+  /**
+   * A new chunk for the Readable, its pages mapped. Zeroed (allocBuffer), so
+   * the bytes no run covers are zeros already, and on huge pages from two of
+   * them up; fresh from the kernel, the zeroing is the kernel's page clearing,
+   * which the prefault does off the read's path.
+   */
+  private async _freshChunk(file: TargetFile, bytes: number): Promise<Uint8Array> {
+    const view = file.allocBuffer(bytes);
+    this._prefaulter ??= new Prefaulter();
+    await this._prefaulter.prefault(view);
+    return view;
   }
 
   /**
@@ -458,6 +478,8 @@ export class VmStateReadStream extends Readable {
     // reused by another open while the kernel still reads through it.
     while (this._inFlight.size > 0) await Promise.allSettled([...this._inFlight.values()]);
     this._ready.clear();
+    // Every prefault belongs to a read listed in _inFlight, all settled now.
+    this._prefaulter?.dispose();
     const file = this._file;
     this._file = undefined;
     await file?.close();

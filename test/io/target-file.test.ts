@@ -1,7 +1,7 @@
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { allocAligned, allocAlignedUninitialized } from '../../src/io/alignment.js';
+import { allocAligned } from '../../src/io/alignment.js';
 import { addon } from '../../src/io/native.js';
 import { FALLOC_FL_KEEP_SIZE, TargetFile } from '../../src/io/target-file.js';
 import { SnapshotError } from '../../src/errors.js';
@@ -29,19 +29,6 @@ describe('allocAligned', () => {
       expect(b.every((x) => x === 0)).toBe(true);
     }
     expect(() => allocAligned(10, 3000)).toThrow(RangeError);
-  });
-  it('allocAlignedUninitialized returns an aligned window and zeroes every byte of its ArrayBuffer outside the window', () => {
-    // Dirty the allocator first, so reused memory would show through.
-    for (let i = 0; i < 8; i++) Buffer.allocUnsafeSlow(70_000).fill(0xee);
-    for (const alignment of [512, 4096, 65536]) {
-      const b = allocAlignedUninitialized(65_536, alignment);
-      expect(b.byteLength).toBe(65_536);
-      expect(addressSkip(b, alignment)).toBe(0);
-      const whole = new Uint8Array(b.buffer);
-      expect(whole.subarray(0, b.byteOffset).every((x) => x === 0)).toBe(true);
-      expect(whole.subarray(b.byteOffset + b.byteLength).every((x) => x === 0)).toBe(true);
-    }
-    expect(() => allocAlignedUninitialized(10, 3000)).toThrow(RangeError);
   });
 });
 
@@ -74,7 +61,6 @@ describe('TargetFile', () => {
       expect(f.memoryAlignment).toBeLessThanOrEqual(page);
       for (let i = 0; i < 16; i++) {
         expect(addressSkip(f.allocBuffer(4096 * (i + 1)), page)).toBe(0);
-        expect(addressSkip(f.allocBufferUninitialized(4096 * (i + 1)), page)).toBe(0);
       }
     } finally {
       await f.close();
