@@ -141,6 +141,7 @@ export class Image {
     this.assertOpen();
     const { snapshots } = this._state;
     const entry = snapshots[resolved.by === 'id' ? findById(snapshots, name) : findByName(snapshots, name)]!;
+    this._exports.refuseExport(entry, this.path);
     return this._exports.add(createVmStateReadStream(this._state, entry, resolved), entry.id);
   }
 
@@ -150,9 +151,13 @@ export class Image {
     return this.exclusive(async () => {
       this.assertWritable();
       const index = findByName(this._state.snapshots, name);
-      this._exports.refuseDelete(this._state.snapshots[index]!, this.path);
-      const rc = await this.refcountsForWrite();
-      return this._meta.writing(async () => toSnapshotInfo(await deleteSnapshotAt(this._state, rc, index)));
+      const deleted = this._exports.beginDelete(this._state.snapshots[index]!, this.path);
+      try {
+        const rc = await this.refcountsForWrite();
+        return await this._meta.writing(async () => toSnapshotInfo(await deleteSnapshotAt(this._state, rc, index)));
+      } finally {
+        deleted();
+      }
     });
   }
 

@@ -3,7 +3,10 @@
  * they run beside saves, reverts and deletes of other snapshots; what they
  * conflict with is a delete of the very snapshot they read (its clusters
  * become free and may be reused), which the image refuses while one is open,
- * and close(), which stops them first.
+ * and close(), which stops them first. The other way round, a delete that
+ * has started (it found no export) marks its snapshot until it ends, and an
+ * export asked for meanwhile is refused as if the snapshot were gone: the
+ * delete was called first, and it frees what the export would read.
  */
 import { ErrorCode, SnapshotError } from '../errors.js';
 import type { SnapshotEntry } from './snapshot-table.js';
@@ -19,8 +22,28 @@ export class OpenExports {
     return stream;
   }
 
+  /** Ids of snapshots whose delete has started and not yet ended. */
+  private readonly _deleting = new Set<string>();
+
+  /**
+   * Starts the delete of `entry`: SNAPSHOT_IN_USE while an open export reads
+   * it; otherwise exports of it are refused until the returned function runs
+   * (when the delete has ended, whether it succeeded or not).
+   */
+  beginDelete(entry: SnapshotEntry, path: string): () => void {
+    this.refuseDelete(entry, path);
+    this._deleting.add(entry.id);
+    return () => this._deleting.delete(entry.id);
+  }
+
+  /** SNAPSHOT_NOT_FOUND while a delete of `entry` runs (see beginDelete). */
+  refuseExport(entry: SnapshotEntry, path: string): void {
+    if (!this._deleting.has(entry.id)) return;
+    throw new SnapshotError(ErrorCode.SNAPSHOT_NOT_FOUND, `snapshot ${entry.id} '${entry.name}' is being deleted`, { path });
+  }
+
   /** SNAPSHOT_IN_USE while an open export reads `entry`. */
-  refuseDelete(entry: SnapshotEntry, path: string): void {
+  private refuseDelete(entry: SnapshotEntry, path: string): void {
     for (const id of this._streams.values()) {
       if (id !== entry.id) continue;
       throw new SnapshotError(ErrorCode.SNAPSHOT_IN_USE, `snapshot ${entry.id} '${entry.name}' is being exported; delete it after the export ends`, {
