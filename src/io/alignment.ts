@@ -111,7 +111,8 @@ export function allocAligned(length: number, alignment: number): Uint8Array {
   if (!isPowerOfTwo(alignment)) throw new RangeError(`Expected a power-of-two alignment, received ${alignment}`);
   const huge = usesHugePages(length);
   const align = huge ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment;
-  // Zeroed memory this large usually comes fresh from mmap, so the slack around the window stays untouched.
+  // Zeroed: fresh from mmap, the slack around the window stays untouched; memory the allocator
+  // hands back from its heap, calloc clears in full (docs/performance.md, seventh round).
   const backing = new ArrayBuffer(length + align);
   const skip = addon.alignmentSkip(backing, align);
   assert.ok(Number.isInteger(skip) && skip >= 0 && skip < align, 'alignment skip out of range');

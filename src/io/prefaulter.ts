@@ -10,13 +10,21 @@
  * the previous chunk's read runs takes that work off the read's path.
  *
  * Advice only: the bytes are not touched. A kernel without
- * MADV_POPULATE_WRITE (before Linux 5.14) answers EINVAL; from then on this
- * prefaulter does nothing and the reads fault the pages as before. Any other
- * failure (ENOMEM) is left to the read, which meets it for real.
+ * MADV_POPULATE_WRITE (before Linux 5.14) answers EINVAL, a seccomp filter
+ * ENOSYS or EPERM; from then on this prefaulter does nothing and the reads
+ * fault the pages as before. Any other failure (ENOMEM) is left to the read,
+ * which meets it for real.
  */
 import assert from 'node:assert/strict';
 import { constants } from 'node:os';
 import { addon, type NativeFileHandle } from './native.js';
+
+/**
+ * Answers that mean the kernel will never do it: EINVAL, the advice unknown
+ * (before Linux 5.14); ENOSYS and EPERM, madvise refused (a seccomp filter).
+ * Others (ENOMEM) are not remembered: the read that follows meets them.
+ */
+const UNSUPPORTED = new Set([constants.errno.EINVAL, constants.errno.ENOSYS, constants.errno.EPERM]);
 
 export class Prefaulter {
   private readonly _native: NativeFileHandle = new addon.NativeFile(1);
@@ -28,19 +36,24 @@ export class Prefaulter {
   /** Resolves once `buffer`'s pages are mapped, or when they cannot be; never rejects. */
   prefault(buffer: Uint8Array): Promise<void> {
     if (this._disposed || this._unsupported || buffer.length === 0) return Promise.resolve();
-    this._pending++;
     return new Promise((resolve) => {
-      this._native.prefault(buffer, (errno) => {
+      const done = (errno: number): void => {
         this._pending--;
-        // EINVAL: the advice is unknown to this kernel. Others (ENOMEM) are
-        // not remembered: the read that follows reports them.
-        if (errno === constants.errno.EINVAL) this._unsupported = true;
+        if (UNSUPPORTED.has(errno)) this._unsupported = true;
         resolve();
-      });
+      };
+      this._pending++;
+      try {
+        this._native.prefault(buffer, done);
+      } catch {
+        // Not submitted (nothing the library passes makes the addon throw here):
+        // the read maps the pages itself, as without a prefaulter.
+        done(0);
+      }
     });
   }
 
-  /** False once the kernel answered that it has no MADV_POPULATE_WRITE. */
+  /** False once the kernel answered that it will not populate (EINVAL, ENOSYS, EPERM). */
   get supported(): boolean {
     return !this._unsupported;
   }

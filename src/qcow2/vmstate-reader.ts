@@ -24,7 +24,7 @@
  */
 import { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
-import { alignDown, alignUp } from '../io/alignment.js';
+import { alignDown, alignUp, usesHugePages } from '../io/alignment.js';
 import { Prefaulter } from '../io/prefaulter.js';
 import { TargetFile, type DirectMode } from '../io/target-file.js';
 import { MAX_BUFFER_SIZE, MAX_BUFFERS } from '../stream/options.js';
@@ -62,7 +62,7 @@ const MIN_CHUNK_BYTES = 4096;
 export interface VmStateReadOptions {
   /** Bytes per chunk, rounded down to whole clusters (at least one). Default 4 MiB. */
   chunkBytes?: number;
-  /** Chunks held at once (mapping, reading, ready or buffered); memory is readAhead x chunk. Default 4. */
+  /** Chunks held at once (mapping, reading, ready or buffered); memory is readAhead x chunk, each with up to a huge page of alignment slack. Default 4. */
   readAhead?: number;
   /** O_DIRECT for the data reads: true, false, or 'auto' (where the filesystem allows). Default 'auto'. */
   direct?: DirectMode;
@@ -265,6 +265,8 @@ export class VmStateReadStream extends Readable {
       this.push(null);
       return;
     }
+    // A consumer may have destroyed the stream from inside push().
+    if (this._failed || this.destroyed) return;
     while (this._nextRead < this._chunkCount && this._held() < this._opts.readAhead) {
       const index = this._nextRead++;
       const read = this._fill(index)
@@ -416,8 +418,17 @@ export class VmStateReadStream extends Readable {
     const lengthBytes = Math.min(this._strideBytes, this._entry.vmStateSize - position);
     const clusters = Math.ceil(lengthBytes / clusterSize);
     // Whole clusters, so a run's length is aligned whenever the cluster size is.
-    const view = slot ?? (await this._freshChunk(file, alignUp(clusters * clusterSize, this._alignment)));
-    const runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
+    let view = slot;
+    let runs: HostRun[];
+    if (view === undefined) {
+      view = file.allocBuffer(alignUp(clusters * clusterSize, this._alignment));
+      // The pages are mapped in on the prefaulter's thread while the cluster
+      // lookups run; a stream stopped meanwhile reads nothing more.
+      [runs] = await Promise.all([planRuns(lookup, position / clusterSize, clusters, clusterSize), this._prefault(view)]);
+      this._failOnStop();
+    } else {
+      runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
+    }
     for (const run of runs) await this._readRun(file, view, run);
     zeroOutsideRuns(view, runs);
     const chunk = Buffer.from(view.buffer, view.byteOffset, lengthBytes);
@@ -426,16 +437,15 @@ export class VmStateReadStream extends Readable {
   }
 
   /**
-   * A new chunk for the Readable, its pages mapped. Zeroed (allocBuffer), so
-   * the bytes no run covers are zeros already, and on huge pages from two of
-   * them up; fresh from the kernel, the zeroing is the kernel's page clearing,
-   * which the prefault does off the read's path.
+   * Maps a Readable chunk's pages in before its read, on the prefaulter's
+   * thread. Only chunks on huge pages (allocBuffer puts those of two huge
+   * pages or more there): a smaller one is usually memory the allocator
+   * already has mapped, and the hop would cost more than it saves.
    */
-  private async _freshChunk(file: TargetFile, bytes: number): Promise<Uint8Array> {
-    const view = file.allocBuffer(bytes);
+  private _prefault(view: Uint8Array): Promise<void> {
+    if (!usesHugePages(view.length)) return Promise.resolve();
     this._prefaulter ??= new Prefaulter();
-    await this._prefaulter.prefault(view);
-    return view;
+    return this._prefaulter.prefault(view);
   }
 
   /**
@@ -478,11 +488,14 @@ export class VmStateReadStream extends Readable {
     // reused by another open while the kernel still reads through it.
     while (this._inFlight.size > 0) await Promise.allSettled([...this._inFlight.values()]);
     this._ready.clear();
-    // Every prefault belongs to a read listed in _inFlight, all settled now.
-    this._prefaulter?.dispose();
     const file = this._file;
     this._file = undefined;
-    await file?.close();
+    try {
+      // Every prefault belongs to a read listed in _inFlight, all settled now.
+      this._prefaulter?.dispose();
+    } finally {
+      await file?.close();
+    }
   }
 }
 
