@@ -423,8 +423,15 @@ export class VmStateReadStream extends Readable {
     if (view === undefined) {
       view = file.allocBuffer(alignUp(clusters * clusterSize, this._alignment));
       // The pages are mapped in on the prefaulter's thread while the cluster
-      // lookups run; a stream stopped meanwhile reads nothing more.
-      [runs] = await Promise.all([planRuns(lookup, position / clusterSize, clusters, clusterSize), this._prefault(view)]);
+      // lookups run. The prefault never rejects, and is waited for even when
+      // a lookup fails: teardown disposes the prefaulter once this settles.
+      const mapped = this._prefault(view);
+      try {
+        runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
+      } finally {
+        await mapped;
+      }
+      // A stream stopped meanwhile reads nothing more.
       this._failOnStop();
     } else {
       runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
