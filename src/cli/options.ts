@@ -55,8 +55,8 @@ export function addStreamFlags(cmd: Command): Command {
         .choices(['auto', 'true', 'false'])
         .default('auto'),
     )
-    .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 up to 256M (default 4M)', bufferSizeArg)
-    .option('--buffers <n>', 'buffers in the ring, >= 2 (default 3)', countArg)
+    .option('--buffer-size <size>', 'bytes per ring buffer, a multiple of 4096 up to 256M (default 8M)', bufferSizeArg)
+    .option('--buffers <n>', 'buffers in the ring, >= 2 (default 4)', countArg)
     .option('--expected-size <size>', 'size hint: shown as progress, and reserved with --preallocate', sizeArg)
     .option('--preallocate', 'reserve --expected-size bytes before the first write (ENOSPC at once, not midway)')
     .option('--flush-interval <size>', 'fdatasync every this many bytes as the stream goes; 0: only at the end (default 64M)', sizeArg);

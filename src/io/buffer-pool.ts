@@ -24,7 +24,7 @@
 import { assert } from '../assert.js';
 import { allocAligned } from './alignment.js';
 
-/** Bytes the pool may hold: several rings of the default geometry (3 x 4 MiB), or one of 3 x 16 MiB. */
+/** Bytes the pool may hold: two rings of the default geometry (4 x 8 MiB). */
 export const POOL_MAX_BYTES = 64 * 1024 * 1024;
 /** Idle time after which the pool lets its buffers go, by default. */
 export const POOL_IDLE_MS = 10_000;

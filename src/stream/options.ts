@@ -9,29 +9,29 @@ import type { DirectMode } from '../io/target-file.js';
 import { validateChoice, validateInteger, validateMultiple, validateSignal } from '../validate.js';
 
 /**
- * 4 MiB: two huge pages, and one request of the virtio disk here
- * (max_sectors_kb). Until the sixth round this was 16 MiB: on the disks of
- * earlier rounds, before buffers sat on huge pages and before the stream
- * flushed as it went, 16 MiB writes beat 4 MiB ones (docs/performance.md).
- * Measured again with both (sixth round, 1 GiB, MiB/s medians):
- * - a process's first stream, whose ring is fresh memory, 6 runs each in
- *   fresh processes: 3 x 16 MiB 1383, 3 x 4 MiB 1650, 4 x 4 MiB 1663, against
- *   a 16 MiB device write of 1808. Fresh memory is slow to touch on a virtual
- *   machine, and a 48 MiB ring is four times as much of it as a 12 MiB one;
- * - the steady state, the ring reused (src/io/buffer-pool.ts), bench subset of
- *   4 runs: f 1869 against 1743, q 1795 against 1618, the socket source (as
- *   savevm) 1831 against 1597;
- * - a disk throttled to 100 MiB/s: 100 MiB/s either way;
- * - a 1 GiB savevm of a running VM: 0.59-0.69 s against 0.64-0.80 s.
- * And the ring costs a quarter of the memory.
+ * 8 MiB: four huge pages, and two requests of the virtio disk here
+ * (max_sectors_kb is 4 MiB), so one write keeps two requests on the device.
+ * History (docs/performance.md): 16 MiB until the sixth round; 4 MiB in the
+ * sixth and seventh, chosen when a process's first stream paid dearly for
+ * every page of fresh memory and the disk did 1.7-2.1 GB/s.
+ * Measured again in the eighth round, 1 GiB of 8 B + 4 KiB writes, MiB/s
+ * medians over the device write reference of the same bench run:
+ * - the bench's runner, the ring pooled, three subset runs of 5 repetitions:
+ *   4 x 8 MiB 0.91-0.99x against 3 x 4 MiB 0.83-0.88x; in one of them also
+ *   3 x 8 MiB 0.87x, 4 x 4 MiB 0.83x and 3 x 16 MiB 0.83x. The seventh
+ *   round's two full runs had 4 x 8 at 0.92x and 0.95x, 3 x 4 at 0.86x and 0.84x;
+ * - fresh processes (a process's first stream, as the CLI's), 5 runs each:
+ *   4 x 8 MiB 2441 / 2560 / 2782 against 3 x 4 MiB 1344 / 2531 / 2773
+ *   (min / median / max): the JS thread bounds both there;
+ * - a disk throttled to 100 MiB/s: 98-100 MiB/s either way.
  */
-export const DEFAULT_BUFFER_SIZE = 4 << 20;
+export const DEFAULT_BUFFER_SIZE = 8 << 20;
 /**
- * Three: one filling while up to two wait for or sit on the disk, so the
- * disk has the next write queued when one completes, and the depth tuner
- * (depth-tuner.ts) can try two at once. Memory: 12 MiB per stream.
+ * Four: one filling while up to three wait for or sit on the disk, so that
+ * with the depth tuner's two writes in flight (four requests) the next write
+ * is already queued when one completes. Memory: 32 MiB per stream.
  */
-export const DEFAULT_BUFFERS = 3;
+export const DEFAULT_BUFFERS = 4;
 /**
  * Default bytes written between flushes during a stream (the `flushInterval`
  * option). A disk with a volatile cache, or a virtual disk whose host caches,
@@ -58,9 +58,9 @@ export type Preallocate = 'none' | 'space';
 
 /** The stream's own options, as a caller passes them. */
 export interface StreamCoreOptions {
-  /** Bytes per ring buffer; a multiple of the target's alignment. Default 4 MiB. */
+  /** Bytes per ring buffer; a multiple of the target's alignment. Default 8 MiB. */
   bufferSize?: number;
-  /** Buffers in the ring, >= 2. Default 3. */
+  /** Buffers in the ring, >= 2. Default 4. */
   buffers?: number;
   /** true: O_DIRECT or fail; false: page cache + fdatasync; 'auto': O_DIRECT where the filesystem allows. */
   direct?: DirectMode;

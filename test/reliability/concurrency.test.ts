@@ -36,7 +36,7 @@ import { requireTool, runOk, tmpDir, type TmpDir } from '../helpers/tools.js';
 
 const MiB = 1 << 20;
 const STREAMS = 8;
-/** The stream default (DESIGN.md): 4 MiB buffers, two in the ring. */
+/** 4 MiB buffers, two in the ring: two writes in flight per stream, as in the libuv-pool control. */
 const BUFFER_BYTES = 4 * MiB;
 const IN_FLIGHT_PER_WRITER = 2;
 /** A probe every 25 ms gives dozens of samples over a batch of a few seconds. */
