@@ -5,6 +5,7 @@
       "sources": [
         "native/addon.cc",
         "native/file.cc",
+        "native/slabs.cc",
         "native/syscalls.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

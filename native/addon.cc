@@ -1,4 +1,4 @@
-// Module entry: the NativeFile class and the aligned-memory helpers.
+// Module entry: the NativeFile class, the aligned-memory helpers and the chunk slabs.
 #include <napi.h>
 
 #include <sys/mman.h>
@@ -9,6 +9,7 @@
 #include <string>
 
 #include "file.h"
+#include "slabs.h"
 
 namespace snapstream {
 namespace {
@@ -77,6 +78,9 @@ static Napi::Object InitModule(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeFile", snapstream::NativeFile::Init(env));
   exports.Set("alignmentSkip", Napi::Function::New(env, snapstream::AlignmentSkip));
   exports.Set("adviseHugePages", Napi::Function::New(env, snapstream::AdviseHugePages));
+  exports.Set("allocSlab", Napi::Function::New(env, snapstream::AllocSlab));
+  exports.Set("trimSlabs", Napi::Function::New(env, snapstream::TrimSlabs));
+  exports.Set("slabStats", Napi::Function::New(env, snapstream::SlabStatsOf));
   // Transparent huge pages for large I/O buffers (src/io/alignment.ts); 0: none.
   exports.Set("hugePageSize", Napi::Number::New(env, static_cast<double>(snapstream::HugePageBytes())));
   // The MMU page size: I/O buffers start on a page boundary (see src/io/alignment.ts).

@@ -89,7 +89,8 @@ done
 export PATH="$shims:$PATH"
 
 filters=("$@")
-if [ ${#filters[@]} -eq 0 ]; then filters=(test/stream test/io test/reliability); fi
+# The export tests drive the chunk slabs (native/slabs.cc): allocation, reuse after finalization, trim.
+if [ ${#filters[@]} -eq 0 ]; then filters=(test/stream test/io test/reliability test/qcow2/export.test.ts test/qcow2/export-slabs.test.ts test/qcow2/export-pump.test.ts); fi
 # Tests that bound RSS (their names say "RSS") measure ASan's allocator here,
 # not snapstream: the quarantine keeps up to 256 MiB of freed memory and the
 # shadow adds 1/8 of everything touched. Shrinking the quarantine would make

@@ -1,10 +1,10 @@
 /**
  * (x) Export: 1 GiB of vmstate read back from a qcow2 internal snapshot,
- * img.createVmStateReadStream(name) with its defaults (4 MiB chunks on huge
- * pages, prefaulted on a thread of their own, 4 under way) and O_DIRECT
+ * img.createVmStateReadStream(name) with its defaults (4 MiB chunks in slabs
+ * recycled when V8 collects them, on huge pages, 4 under way) and O_DIRECT
  * required, into a Writable that discards every chunk;
- * (x0) the same as it read before the seventh round: 2 chunks under way, each
- * on small pages, uninitialised, and faulted in by its read;
+ * (x0) the same as it read before the eighth round: each chunk a fresh,
+ * zeroed ArrayBuffer (huge pages, prefaulted on a thread of their own);
  * (xp) the same stream consumed with pumpTo(), which lends chunks from
  * reused slots instead of pushing fresh memory, into a sink that discards.
  * Compared with the device read reference of the same run (the best of the
@@ -18,17 +18,10 @@
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { openImage } from '../../dist/index.js';
-import { TargetFile } from '../../dist/io/target-file.js';
-import { Prefaulter } from '../../dist/io/prefaulter.js';
-import { ioBufferAlignment } from '../../dist/io/alignment.js';
-import { addon } from '../../dist/io/native.js';
+import { setChunkSlabsEnabled } from '../../dist/io/chunk-slabs.js';
 import { READ_SOURCE_SNAPSHOT, readSource } from '../lib/read-source.js';
 
-/**
- * `before`: the export as it was before the seventh round (bench-only
- * patches of the dist build, undone after): 2 chunks ahead, each allocated
- * uninitialised on small pages, no prefault.
- */
+/** `before`: the export as it was before the eighth round (slabs turned off for the run, then on again). */
 function exportCase({ id, label, before, pump = false }) {
   return {
     id,
@@ -39,37 +32,20 @@ function exportCase({ id, label, before, pump = false }) {
     container: true,
     prepare: (ctx) => readSource(ctx.workload),
     async run(_ctx, { image, bytes }) {
-      const read = await (before ? asBefore(() => exportOnce(image, pump, { readAhead: 2 })) : exportOnce(image, pump));
+      const read = await (before ? asBefore(() => exportOnce(image, pump)) : exportOnce(image, pump));
       if (read !== bytes) throw new Error(`(${id}) exported ${read} bytes, the snapshot holds ${bytes}`);
       return { bytes: read };
     },
   };
 }
 
-/**
- * The chunk allocation of the sixth round: malloc'd (not zeroed) and aligned
- * only for O_DIRECT, so on small pages; the bytes outside the window zeroed.
- */
-function allocUninitialized(length) {
-  const alignment = ioBufferAlignment(this.memoryAlignment, this.alignment);
-  const backing = Buffer.allocUnsafeSlow(length + alignment).buffer;
-  const skip = addon.alignmentSkip(backing, alignment);
-  const whole = new Uint8Array(backing);
-  whole.fill(0, 0, skip);
-  whole.fill(0, skip + length);
-  return new Uint8Array(backing, skip, length);
-}
-
+/** The export of the seventh round: every Readable chunk a fresh, zeroed ArrayBuffer (no slabs). */
 async function asBefore(fn) {
-  const alloc = TargetFile.prototype.allocBuffer;
-  const prefault = Prefaulter.prototype.prefault;
-  TargetFile.prototype.allocBuffer = allocUninitialized;
-  Prefaulter.prototype.prefault = () => Promise.resolve();
+  setChunkSlabsEnabled(false);
   try {
     return await fn();
   } finally {
-    TargetFile.prototype.allocBuffer = alloc;
-    Prefaulter.prototype.prefault = prefault;
+    setChunkSlabsEnabled(true);
   }
 }
 
@@ -98,6 +74,6 @@ async function exportOnce(image, pump, options = {}) {
   }
 }
 
-export const exportBefore = exportCase({ id: 'x0', label: 'qcow2 export before round 7: 2 ahead, small pages, no prefault', before: true });
+export const exportBefore = exportCase({ id: 'x0', label: 'qcow2 export before round 8: each chunk fresh JS memory', before: true });
 export const exportPumped = exportCase({ id: 'xp', label: 'qcow2 export: the same stream through pumpTo (lent chunks)', pump: true });
 export default exportCase({ id: 'x', label: 'qcow2 export: createVmStateReadStream defaults (O_DIRECT)' });

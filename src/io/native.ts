@@ -73,11 +73,32 @@ export interface NativeFileHandle {
   shutdown(): number;
 }
 
+export interface SlabStats {
+  /** Slabs made by posix_memalign, handed out again from the free list, given back to the C library. */
+  allocated: number;
+  reused: number;
+  released: number;
+  /** Slabs whose ArrayBuffer V8 has not collected yet; slabs (and bytes) on the free list. */
+  live: number;
+  free: number;
+  freeBytes: number;
+}
+
 interface Addon {
   NativeFile: new (threads: number) => NativeFileHandle;
   alignmentSkip(buffer: ArrayBuffer, alignment: number): number;
   /** madvise(MADV_HUGEPAGE) over the whole huge pages in buffer[offset, +length); returns the bytes advised. */
   adviseHugePages(buffer: ArrayBuffer, offset: number, length: number, hugePageBytes: number): number;
+  /**
+   * An ArrayBuffer of exactly `length` bytes at a multiple of `alignment`, uninitialised, whose memory
+   * goes back to a process-wide free list when V8 collects it (native/slabs.cc). Throws where external
+   * buffers are refused (a V8 sandbox).
+   */
+  allocSlab(length: number, alignment: number, hugePageBytes: number): ArrayBuffer;
+  /** Frees the free slabs idle at least `idleMs`; returns how many stay free. */
+  trimSlabs(idleMs: number): number;
+  /** Slab counters, for tests and diagnostics. */
+  slabStats(): SlabStats;
   /** sysconf(_SC_PAGESIZE). */
   pageSize: number;
   /** The transparent huge page size, 0 when the kernel offers none to madvise. */

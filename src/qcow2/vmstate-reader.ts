@@ -12,19 +12,22 @@
  * `readAhead` chunks are held at once (in flight, ready, or buffered in the
  * Readable), so the next read runs while the consumer handles this chunk.
  *
- * Buffers: as a Readable, every chunk is read into a fresh aligned buffer
- * that is pushed as is and never reused, so the consumer owns what it gets
- * and may keep it: one allocation per chunk (4 MiB by default), no copy.
- * Fresh memory is what costs here (docs/performance.md, seventh round): a
- * direct read faults its buffer's pages in before the device starts. So a
- * chunk of two huge pages or more is allocated on huge pages (as the ring's
- * buffers are), and its pages are mapped on a thread of its own (Prefaulter)
- * while earlier chunks are read; `readAhead` chunks are under way at once.
+ * Buffers: as a Readable, every chunk is read into its own aligned buffer
+ * that is pushed as is, so the consumer owns what it gets and may keep it:
+ * one buffer per chunk (4 MiB by default), no copy. Fresh memory is what
+ * costs here (docs/performance.md, seventh and eighth rounds): cleared on the
+ * JS thread or faulted in by the read. So a chunk is a slab
+ * (src/io/chunk-slabs.ts) that the process reuses once V8 has collected the
+ * chunk it last held, on huge pages when it spans two or more; a slab's pages
+ * not mapped yet are mapped on a thread of its own (Prefaulter) while earlier
+ * chunks are read; `readAhead` chunks are under way at once. A slab holds
+ * an earlier chunk's bytes, so every byte of it is written before the push.
  * pumpTo() lends chunks from reused slots instead and needs none of this.
  */
 import { Readable } from 'node:stream';
 import { ErrorCode, SnapshotError, toSnapshotError } from '../errors.js';
-import { alignDown, alignUp, usesHugePages } from '../io/alignment.js';
+import { alignDown, alignUp, ioBufferAlignment, usesHugePages } from '../io/alignment.js';
+import { allocSlab } from '../io/chunk-slabs.js';
 import { Prefaulter } from '../io/prefaulter.js';
 import { TargetFile, type DirectMode } from '../io/target-file.js';
 import { MAX_BUFFER_SIZE, MAX_BUFFERS } from '../stream/options.js';
@@ -421,7 +424,10 @@ export class VmStateReadStream extends Readable {
     let view = slot;
     let runs: HostRun[];
     if (view === undefined) {
-      view = file.allocBuffer(alignUp(clusters * clusterSize, this._alignment));
+      // A slab (src/io/chunk-slabs.ts) is uninitialised, so every byte of it is written below,
+      // by the runs' reads and zeroOutsideRuns, before the consumer sees it.
+      const length = alignUp(clusters * clusterSize, this._alignment);
+      view = allocSlab(length, ioBufferAlignment(file.memoryAlignment, file.alignment)) ?? file.allocBuffer(length);
       // The pages are mapped in on the prefaulter's thread while the cluster
       // lookups run. The prefault never rejects, and is waited for even when
       // a lookup fails: teardown disposes the prefaulter once this settles.

@@ -1,6 +1,7 @@
 /**
  * The export's memory bound, in a child process: the chunks it may hold
- * (readAhead), each with the huge page of slack its alignment takes. Its own file, in the serial project (vitest.config.ts):
+ * (readAhead), in slabs or, where those are refused, in JS memory with the
+ * huge page of slack its alignment takes. Its own file, in the serial project (vitest.config.ts):
  * beside two busy neighbours on two cores its peak once came out 0.1 MiB
  * over the bound in CI, and twice across sessions before. The likely cause
  * (not proven): V8 frees dead chunks' ArrayBuffers on a background thread
@@ -43,21 +44,31 @@ describe.skipIf(qemuMissing)('qcow2 export: memory', () => {
       })();
       await pipeline(Readable.from(blocks, { objectMode: true }), createSnapshotStream(path, { snapshot: 'big' }));
       const script = join(work.dir.path, 'rss-child.mjs');
-      await writeFile(script, rssChildSource(pathToFileURL(join(dist, 'index.js')).href));
+      await writeFile(script, rssChildSource(pathToFileURL(join(dist, 'index.js')).href, pathToFileURL(join(dist, 'io', 'native.js')).href));
       const { stdout } = await runOk(process.execPath, ['--expose-gc', script, path], { timeoutMs: 120_000 });
-      const r = JSON.parse(stdout.trim().split('\n').pop()!) as { bytes: number; rssGrowthBytes: number; bufferGrowthBytes: number };
-      // A chunk on huge pages is an ArrayBuffer one huge page larger than the
-      // chunk, the slack its alignment takes (src/io/alignment.ts). Alive at
-      // once: readAhead chunks the export holds, one with the sink, one being
-      // allocated, and up to two dead ones between the child's collections;
-      // 16 MiB more for V8's sweep lagging on busy cores. Two chunks held
-      // beyond readAhead would break it.
+      const r = JSON.parse(stdout.trim().split('\n').pop()!) as {
+        bytes: number;
+        rssGrowthBytes: number;
+        bufferGrowthBytes: number;
+        slabs: { allocated: number; reused: number };
+      };
+      // Chunks are native slabs (src/io/chunk-slabs.ts), which process.memoryUsage().arrayBuffers
+      // does not see: the child adds the slab memory, live and free, to it. Alive at once:
+      // readAhead chunks the export holds, one with the sink, one being allocated, and up to
+      // two dead ones between the child's collections, each at most a chunk plus the huge
+      // page of slack JS memory's alignment takes where slabs are refused; 16 MiB more for
+      // V8's sweep lagging on busy cores. Two chunks held beyond readAhead would break it.
       const perChunk = VMSTATE_READ_CHUNK_BYTES + (usesHugePages(VMSTATE_READ_CHUNK_BYTES) ? HUGE_PAGE_BYTES : 4096);
       const bound = (DEFAULT_READ_AHEAD + 4) * perChunk + 16 * MiB;
-      console.log(`export memory: ArrayBuffers +${(r.bufferGrowthBytes / MiB).toFixed(1)} MiB, RSS +${(r.rssGrowthBytes / MiB).toFixed(1)} MiB; bound ${(bound / MiB).toFixed(0)} MiB`);
+      console.log(
+        `export memory: ArrayBuffers and slabs +${(r.bufferGrowthBytes / MiB).toFixed(1)} MiB, RSS +${(r.rssGrowthBytes / MiB).toFixed(1)} MiB; bound ${(bound / MiB).toFixed(0)} MiB; slabs ${JSON.stringify(r.slabs)}`,
+      );
       expect(r.bytes).toBe(1024 * MiB);
       expect(r.bufferGrowthBytes).toBeLessThan(bound);
       expect(r.rssGrowthBytes).toBeLessThan(bound + 32 * MiB);
+      // The slabs came back and were used again: 256 chunks from a handful of allocations.
+      expect(r.slabs.reused).toBeGreaterThan(200);
+      expect(r.slabs.allocated).toBeLessThanOrEqual(DEFAULT_READ_AHEAD + 8);
     } finally {
       await work.cleanup();
     }
@@ -69,21 +80,29 @@ describe.skipIf(qemuMissing)('qcow2 export: memory', () => {
  * with the defaults (4 x 4 MiB) to a Writable that drops each chunk on the
  * next turn, sampling RSS and ArrayBuffer memory every 5 ms and per chunk.
  */
-function rssChildSource(indexUrl: string): string {
+function rssChildSource(indexUrl: string, nativeUrl: string): string {
   return `
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { openImage } from ${JSON.stringify(indexUrl)};
+import { addon } from ${JSON.stringify(nativeUrl)};
+const CHUNK = ${VMSTATE_READ_CHUNK_BYTES};
+const slabBytes = () => {
+  const s = addon.slabStats();
+  return s.live * CHUNK + s.freeBytes;
+};
 const img = await openImage(process.argv[2], { readOnly: true });
 globalThis.gc();
 const base = process.memoryUsage();
+const baseSlabs = addon.slabStats();
+const baseBuffers = base.arrayBuffers + slabBytes();
 let peakRss = base.rss;
-let peakBuffers = base.arrayBuffers;
+let peakBuffers = baseBuffers;
 let bytes = 0;
 const sample = () => {
   const m = process.memoryUsage();
   peakRss = Math.max(peakRss, m.rss);
-  peakBuffers = Math.max(peakBuffers, m.arrayBuffers);
+  peakBuffers = Math.max(peakBuffers, m.arrayBuffers + slabBytes());
 };
 const timer = setInterval(sample, 5);
 // A full collection every 8 MiB (two chunks): what is measured is what the export keeps
@@ -100,6 +119,8 @@ await pipeline(img.createVmStateReadStream('big'), sink);
 clearInterval(timer);
 sample();
 await img.close();
-console.log(JSON.stringify({ bytes, rssGrowthBytes: peakRss - base.rss, bufferGrowthBytes: peakBuffers - base.arrayBuffers }));
+const s = addon.slabStats();
+const slabs = { allocated: s.allocated - baseSlabs.allocated, reused: s.reused - baseSlabs.reused };
+console.log(JSON.stringify({ bytes, rssGrowthBytes: peakRss - base.rss, bufferGrowthBytes: peakBuffers - baseBuffers, slabs }));
 `;
 }

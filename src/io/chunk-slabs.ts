@@ -1,0 +1,67 @@
+/**
+ * Memory for the export's Readable chunks (src/qcow2/vmstate-reader.ts):
+ * native slabs that return to a free list when V8 collects the consumer's
+ * chunk, so the next chunk reuses memory already mapped instead of fresh
+ * memory to clear (native/slabs.cc; docs/performance.md, eighth round).
+ *
+ * A slab is uninitialised: the reader overwrites every byte of it before a
+ * consumer sees it. Where the runtime refuses external buffers (a V8
+ * sandbox), the reader falls back to zeroed JS memory (TargetFile.allocBuffer),
+ * as before.
+ */
+import { alignUp, HUGE_PAGE_BYTES, usesHugePages } from './alignment.js';
+import { addon } from './native.js';
+
+/** Free slabs idle this long are given back to the C library. */
+export const SLAB_IDLE_MS = 10_000;
+
+let slabsRefused = false;
+let slabsEnabled = true;
+let trimTimer: NodeJS.Timeout | undefined;
+
+/**
+ * A slab of `length` bytes at a multiple of `alignment` (a power of two), or
+ * of a huge page when it spans two or more; undefined where slabs are off or
+ * refused, and the caller then allocates as it would otherwise. Its bytes are
+ * undefined: the caller writes all of them. The slab's tail past `length` (to
+ * a whole `alignment`), which a consumer could reach through `.buffer`, is
+ * zeroed here.
+ */
+export function allocSlab(length: number, alignment: number): Uint8Array | undefined {
+  if (!slabsEnabled || slabsRefused || length <= 0) return undefined;
+  const huge = usesHugePages(length);
+  const align = huge ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment;
+  const slabLength = alignUp(length, align);
+  let buffer: ArrayBuffer;
+  try {
+    buffer = addon.allocSlab(slabLength, align, huge ? HUGE_PAGE_BYTES : 0);
+  } catch (err) {
+    // Our own arguments are checked by the addon: a TypeError or RangeError is a bug, not a refusal.
+    if (err instanceof TypeError || err instanceof RangeError) throw err;
+    // Refused by the runtime (external buffers), or out of memory: JS memory from now on.
+    slabsRefused = true;
+    return undefined;
+  }
+  scheduleTrim();
+  if (slabLength > length) new Uint8Array(buffer, length).fill(0);
+  return new Uint8Array(buffer, 0, length);
+}
+
+/** Turns slabs off (benchmarks: the export as it was before them) or back on. */
+export function setChunkSlabsEnabled(enabled: boolean): void {
+  slabsEnabled = enabled;
+}
+
+/** Gives idle free slabs back once the process stops exporting; never keeps the process alive. */
+function scheduleTrim(): void {
+  if (trimTimer !== undefined) return;
+  trimTimer = setTimeout(trim, SLAB_IDLE_MS);
+  trimTimer.unref();
+}
+
+function trim(): void {
+  trimTimer = undefined;
+  const free = addon.trimSlabs(SLAB_IDLE_MS);
+  // Slabs still free, or chunks not collected yet that will come back: look again later.
+  if (free > 0 || addon.slabStats().live > 0) scheduleTrim();
+}
