@@ -93,9 +93,11 @@ bool IsPowerOfTwo(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
 }  // namespace
 
-// allocSlab(length, alignment, hugePageBytes): an ArrayBuffer of exactly
-// `length` bytes at a multiple of `alignment`, uninitialised. With
-// hugePageBytes > 0 a new slab is advised MADV_HUGEPAGE (advice only).
+// allocSlab(length, alignment, hugePageBytes): { buffer, fresh }, an
+// ArrayBuffer of exactly `length` bytes at a multiple of `alignment`,
+// uninitialised, and whether it is new memory (not from the free list), whose
+// pages are not mapped yet. With hugePageBytes > 0 a new slab is advised
+// MADV_HUGEPAGE (advice only).
 Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 3 || !info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsNumber()) {
@@ -116,6 +118,7 @@ Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
     data = TakeFree(len, align);
     gLive++;
   }
+  const bool reused = data != nullptr;
   if (data == nullptr) {
     if (posix_memalign(&data, align, len) != 0) {
       std::lock_guard<std::mutex> lock(gMutex);
@@ -128,7 +131,10 @@ Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
   }
   auto* hint = new SlabHint{len, align};
   try {
-    return Napi::ArrayBuffer::New(env, data, len, FinalizeSlab, hint);
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("buffer", Napi::ArrayBuffer::New(env, data, len, FinalizeSlab, hint));
+    out.Set("fresh", Napi::Boolean::New(env, !reused));
+    return out;
   } catch (...) {
     // External buffers refused (a V8 sandbox): the caller falls back to JS memory.
     delete hint;

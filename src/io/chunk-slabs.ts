@@ -21,20 +21,21 @@ let trimTimer: NodeJS.Timeout | undefined;
 
 /**
  * A slab of `length` bytes at a multiple of `alignment` (a power of two), or
- * of a huge page when it spans two or more; undefined where slabs are off or
- * refused, and the caller then allocates as it would otherwise. Its bytes are
- * undefined: the caller writes all of them. The slab's tail past `length` (to
- * a whole `alignment`), which a consumer could reach through `.buffer`, is
- * zeroed here.
+ * of a huge page when it spans two or more, and whether it is new memory
+ * (its pages not mapped yet) rather than one used before; undefined where
+ * slabs are off or refused, and the caller then allocates as it would
+ * otherwise. Its bytes are undefined: the caller writes all of them. The
+ * slab's tail past `length` (to a whole `alignment`), which a consumer could
+ * reach through `.buffer`, is zeroed here.
  */
-export function allocSlab(length: number, alignment: number): Uint8Array | undefined {
+export function allocSlab(length: number, alignment: number): { view: Uint8Array; fresh: boolean } | undefined {
   if (!slabsEnabled || slabsRefused || length <= 0) return undefined;
   const huge = usesHugePages(length);
   const align = huge ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment;
   const slabLength = alignUp(length, align);
-  let buffer: ArrayBuffer;
+  let slab: { buffer: ArrayBuffer; fresh: boolean };
   try {
-    buffer = addon.allocSlab(slabLength, align, huge ? HUGE_PAGE_BYTES : 0);
+    slab = addon.allocSlab(slabLength, align, huge ? HUGE_PAGE_BYTES : 0);
   } catch (err) {
     // Our own arguments are checked by the addon: a TypeError or RangeError is a bug, not a refusal.
     if (err instanceof TypeError || err instanceof RangeError) throw err;
@@ -43,8 +44,8 @@ export function allocSlab(length: number, alignment: number): Uint8Array | undef
     return undefined;
   }
   scheduleTrim();
-  if (slabLength > length) new Uint8Array(buffer, length).fill(0);
-  return new Uint8Array(buffer, 0, length);
+  if (slabLength > length) new Uint8Array(slab.buffer, length).fill(0);
+  return { view: new Uint8Array(slab.buffer, 0, length), fresh: slab.fresh };
 }
 
 /** Turns slabs off (benchmarks: the export as it was before them) or back on. */

@@ -91,10 +91,10 @@ interface Addon {
   adviseHugePages(buffer: ArrayBuffer, offset: number, length: number, hugePageBytes: number): number;
   /**
    * An ArrayBuffer of exactly `length` bytes at a multiple of `alignment`, uninitialised, whose memory
-   * goes back to a process-wide free list when V8 collects it (native/slabs.cc). Throws where external
-   * buffers are refused (a V8 sandbox).
+   * goes back to a process-wide free list when V8 collects it (native/slabs.cc); `fresh` when it is new
+   * memory rather than a slab from the free list. Throws where external buffers are refused (a V8 sandbox).
    */
-  allocSlab(length: number, alignment: number, hugePageBytes: number): ArrayBuffer;
+  allocSlab(length: number, alignment: number, hugePageBytes: number): { buffer: ArrayBuffer; fresh: boolean };
   /** Frees the free slabs idle at least `idleMs`; returns how many stay free. */
   trimSlabs(idleMs: number): number;
   /** Slab counters, for tests and diagnostics. */

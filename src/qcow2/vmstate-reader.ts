@@ -427,11 +427,13 @@ export class VmStateReadStream extends Readable {
       // A slab (src/io/chunk-slabs.ts) is uninitialised, so every byte of it is written below,
       // by the runs' reads and zeroOutsideRuns, before the consumer sees it.
       const length = alignUp(clusters * clusterSize, this._alignment);
-      view = allocSlab(length, ioBufferAlignment(file.memoryAlignment, file.alignment)) ?? file.allocBuffer(length);
-      // The pages are mapped in on the prefaulter's thread while the cluster
-      // lookups run. The prefault never rejects, and is waited for even when
-      // a lookup fails: teardown disposes the prefaulter once this settles.
-      const mapped = this._prefault(view);
+      const slab = allocSlab(length, ioBufferAlignment(file.memoryAlignment, file.alignment));
+      view = slab?.view ?? file.allocBuffer(length);
+      // New memory's pages are mapped in on the prefaulter's thread while the
+      // cluster lookups run (a slab used before has them). The prefault never
+      // rejects, and is waited for even when a lookup fails: teardown
+      // disposes the prefaulter once this settles.
+      const mapped = slab === undefined || slab.fresh ? this._prefault(view) : Promise.resolve();
       try {
         runs = await planRuns(lookup, position / clusterSize, clusters, clusterSize);
       } finally {

@@ -126,8 +126,16 @@ describe.skipIf(qemuMissing)('qcow2 export: chunk slabs', () => {
     expect(() => addon.allocSlab(4096 + 1, 4096, 0)).toThrow(RangeError);
     expect(() => addon.allocSlab(4096, 3000, 0)).toThrow(RangeError);
     expect(() => (addon.allocSlab as unknown as (x: string) => void)('4096')).toThrow(TypeError);
-    let slab: ArrayBuffer | undefined = addon.allocSlab(8192, 4096, 0);
-    expect(slab.byteLength).toBe(8192);
+    await collectGarbage();
+    addon.trimSlabs(0);
+    let slab: { buffer: ArrayBuffer; fresh: boolean } | undefined = addon.allocSlab(8192, 4096, 0);
+    expect(slab.buffer.byteLength).toBe(8192);
+    expect(slab.fresh).toBe(true);
+    slab = undefined;
+    await collectGarbage();
+    slab = addon.allocSlab(8192, 4096, 0);
+    expect(slab.fresh, 'the slab just freed').toBe(false);
+    expect(slab.buffer.byteLength).toBe(8192);
     slab = undefined;
     await collectGarbage();
     expect(addon.slabStats().free).toBeGreaterThan(0);
