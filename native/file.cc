@@ -294,6 +294,9 @@ void NativeFile::Submit(Napi::Env env, std::unique_ptr<Op> op, const Napi::Value
   const bool needsFd = op->kind != OpKind::Open && op->kind != OpKind::Connect && op->kind != OpKind::Listen && op->kind != OpKind::Prefault;
   if (needsFd && fd_ < 0) throw Napi::Error::New(env, "file is not open");
   op->pins = Pin(callback, buffer);
+  // A slab's finalizer can run before this Op ends (at an environment's
+  // teardown): the pin keeps the slab out of the free list until then.
+  if (op->data != nullptr) op->slab = SlabPin(op->data, op->length);
   if (pending_++ == 0) tsfn_.Ref(env);
   {
     std::lock_guard<std::mutex> lock(mutex_);

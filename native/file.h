@@ -35,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "slabs.h"
 #include "syscalls.h"
 
 namespace snapstream {
@@ -66,11 +67,21 @@ struct Op {
   int64_t extent = 0;  // truncate length, fallocate/lock length; connect, accept: stall timeout in ms
   int mode = 0;        // fallocate mode, lock type; accept: how long to wait for the peer, ms
   Pins* pins = nullptr;  // owned by the JS thread, see Pins
+  uintptr_t slab = 0;    // the chunk slab `data` lies in, pinned until the Op is destroyed (slabs.h)
   // Results, filled on the worker.
   SysResult result;
   OpenFacts openFacts;
   LockFacts lockFacts;
   StatFacts statFacts;
+
+  Op() = default;
+  Op(const Op&) = delete;
+  Op& operator=(const Op&) = delete;
+  // Wherever the Op ends (completed on the JS thread, dropped at teardown),
+  // a slab it was using may be filed again.
+  ~Op() {
+    if (slab != 0) SlabUnpin(slab);
+  }
 };
 
 class NativeFile : public Napi::ObjectWrap<NativeFile> {

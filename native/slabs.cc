@@ -14,6 +14,12 @@
 // holding an earlier chunk's bytes). The caller overwrites every byte before
 // a consumer sees it (src/qcow2/vmstate-reader.ts).
 //
+// I/O into a slab: a native operation on a slab's bytes pins it (SlabPin,
+// from NativeFile::Submit) until the operation is destroyed. A finalizer
+// that runs meanwhile (Node calls them at an environment's teardown, before
+// the file's threads are joined) only marks the slab; the last unpin files
+// it. So a slab is never handed out again, or freed, under a running read.
+//
 // Bounds: the free list holds at most kMaxFreeBytes; a slab beyond that is
 // freed. trimSlabs(idleMs) frees the slabs idle that long (JS calls it on a
 // timer after an export), so an idle process holds none for long. Shared by
@@ -23,7 +29,9 @@
 #include <sys/mman.h>
 
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -45,34 +53,55 @@ struct SlabStats {
   double released = 0;   // slabs given back to the C library
 };
 
+// A slab handed out: its geometry, the operations using its bytes, and
+// whether its ArrayBuffer has been finalized meanwhile.
+struct LiveSlab {
+  size_t length;
+  size_t alignment;
+  unsigned pins = 0;
+  bool finalized = false;
+};
+
 std::mutex gMutex;
 std::vector<Slab> gFree;  // most recently freed last
 size_t gFreeBytes = 0;
 SlabStats gStats;
-size_t gLive = 0;  // slabs handed out and not yet finalized
+std::map<uintptr_t, LiveSlab> gLive;  // by start address
+size_t gLiveBytes = 0;
 
-// What a finalizer needs to file its slab; owned by the ArrayBuffer.
-struct SlabHint {
-  size_t length;
-  size_t alignment;
-};
-
-void ReturnSlab(void* data, size_t length, size_t alignment) {
-  std::lock_guard<std::mutex> lock(gMutex);
-  gLive--;
+// With gMutex held: a slab no longer live goes to the free list, or back to
+// the C library when the list is full. Returns the memory to free() outside
+// the lock, or nullptr.
+void* FileLocked(void* data, size_t length, size_t alignment) {
   if (gFreeBytes + length > kMaxFreeBytes) {
     gStats.released++;
-    std::free(data);
-    return;
+    return data;
   }
   gFree.push_back({data, length, alignment, std::chrono::steady_clock::now()});
   gFreeBytes += length;
+  return nullptr;
 }
 
-void FinalizeSlab(Napi::Env, void* data, SlabHint* hint) {
-  ReturnSlab(data, hint->length, hint->alignment);
-  delete hint;
+// The slab's ArrayBuffer is gone: file it now, or when its last operation ends.
+void ReturnSlab(void* data) {
+  void* drop = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(gMutex);
+    auto it = gLive.find(reinterpret_cast<uintptr_t>(data));
+    if (it == gLive.end()) return;  // not ours: never happens
+    if (it->second.pins > 0) {
+      it->second.finalized = true;
+      return;
+    }
+    const LiveSlab slab = it->second;
+    gLive.erase(it);
+    gLiveBytes -= slab.length;
+    drop = FileLocked(data, slab.length, slab.alignment);
+  }
+  std::free(drop);
 }
+
+void FinalizeSlab(napi_env, void* data, void*) { ReturnSlab(data); }
 
 // A free slab of exactly this geometry, or nullptr.
 void* TakeFree(size_t length, size_t alignment) {
@@ -116,31 +145,62 @@ Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
   {
     std::lock_guard<std::mutex> lock(gMutex);
     data = TakeFree(len, align);
-    gLive++;
   }
   const bool reused = data != nullptr;
   if (data == nullptr) {
-    if (posix_memalign(&data, align, len) != 0) {
-      std::lock_guard<std::mutex> lock(gMutex);
-      gLive--;
-      throw Napi::Error::New(env, "allocSlab: out of memory");
-    }
+    if (posix_memalign(&data, align, len) != 0) throw Napi::Error::New(env, "allocSlab: out of memory");
     if (huge > 0) madvise(data, len, MADV_HUGEPAGE);  // advice: refused, the slab stays in small pages
+  }
+  {
     std::lock_guard<std::mutex> lock(gMutex);
-    gStats.allocated++;
+    if (!reused) gStats.allocated++;
+    gLive.emplace(reinterpret_cast<uintptr_t>(data), LiveSlab{len, align});
+    gLiveBytes += len;
   }
-  auto* hint = new SlabHint{len, align};
-  try {
-    Napi::Object out = Napi::Object::New(env);
-    out.Set("buffer", Napi::ArrayBuffer::New(env, data, len, FinalizeSlab, hint));
-    out.Set("fresh", Napi::Boolean::New(env, !reused));
-    return out;
-  } catch (...) {
-    // External buffers refused (a V8 sandbox): the caller falls back to JS memory.
-    delete hint;
-    ReturnSlab(data, len, align);
-    throw;
+  napi_value buffer;
+  napi_status status = napi_create_external_arraybuffer(env, data, len, FinalizeSlab, nullptr, &buffer);
+  if (status != napi_ok) {
+    if (status == napi_no_external_buffers_allowed) {
+      // Refused before the runtime took the memory (a V8 sandbox): it is still ours.
+      ReturnSlab(data);
+      throw Napi::Error::New(env, "allocSlab: external buffers are not allowed here");
+    }
+    // Whether the runtime kept the memory is unknown: the slab stays live (a
+    // leak) rather than risk handing it out twice.
+    throw Napi::Error::New(env, "allocSlab: napi_create_external_arraybuffer failed");
   }
+  // From here on the ArrayBuffer owns the slab, whatever throws.
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("buffer", Napi::Value(env, buffer));
+  out.Set("fresh", Napi::Boolean::New(env, !reused));
+  return out;
+}
+
+uintptr_t SlabPin(const void* p, size_t length) {
+  if (p == nullptr) return 0;
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(gMutex);
+  auto it = gLive.upper_bound(addr);
+  if (it == gLive.begin()) return 0;
+  --it;
+  if (addr - it->first >= it->second.length || length > it->second.length - (addr - it->first)) return 0;
+  it->second.pins++;
+  return it->first;
+}
+
+void SlabUnpin(uintptr_t start) {
+  void* drop = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(gMutex);
+    auto it = gLive.find(start);
+    if (it == gLive.end() || it->second.pins == 0) return;  // never happens
+    if (--it->second.pins > 0 || !it->second.finalized) return;
+    const LiveSlab slab = it->second;
+    gLive.erase(it);
+    gLiveBytes -= slab.length;
+    drop = FileLocked(reinterpret_cast<void*>(start), slab.length, slab.alignment);
+  }
+  std::free(drop);
 }
 
 // trimSlabs(idleMs): frees the free slabs idle at least that long; returns how many remain free.
@@ -175,14 +235,24 @@ Napi::Value TrimSlabs(const Napi::CallbackInfo& info) {
 // slabStats(): counters for tests and diagnostics.
 Napi::Value SlabStatsOf(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
+  SlabStats stats;
+  size_t live, liveBytes, free, freeBytes;
+  {
+    std::lock_guard<std::mutex> lock(gMutex);
+    stats = gStats;
+    live = gLive.size();
+    liveBytes = gLiveBytes;
+    free = gFree.size();
+    freeBytes = gFreeBytes;
+  }
   Napi::Object o = Napi::Object::New(env);
-  std::lock_guard<std::mutex> lock(gMutex);
-  o.Set("allocated", gStats.allocated);
-  o.Set("reused", gStats.reused);
-  o.Set("released", gStats.released);
-  o.Set("live", static_cast<double>(gLive));
-  o.Set("free", static_cast<double>(gFree.size()));
-  o.Set("freeBytes", static_cast<double>(gFreeBytes));
+  o.Set("allocated", stats.allocated);
+  o.Set("reused", stats.reused);
+  o.Set("released", stats.released);
+  o.Set("live", static_cast<double>(live));
+  o.Set("liveBytes", static_cast<double>(liveBytes));
+  o.Set("free", static_cast<double>(free));
+  o.Set("freeBytes", static_cast<double>(freeBytes));
   return o;
 }
 

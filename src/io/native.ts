@@ -78,8 +78,10 @@ export interface SlabStats {
   allocated: number;
   reused: number;
   released: number;
-  /** Slabs whose ArrayBuffer V8 has not collected yet; slabs (and bytes) on the free list. */
+  /** Slabs (and bytes) handed out and not filed again yet: their ArrayBuffer alive, or an operation still using them. */
   live: number;
+  liveBytes: number;
+  /** Slabs (and bytes) on the free list. */
   free: number;
   freeBytes: number;
 }

@@ -12,6 +12,7 @@ import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createSnapshotStream } from '../../src/index.js';
+import { PAGE_BYTES } from '../../src/io/alignment.js';
 import { addon } from '../../src/io/native.js';
 import { openImage, type Image } from '../../src/qcow2/image.js';
 import { readSnapshotVmState, vmStateLayout } from '../helpers/qcow2-vmstate.js';
@@ -104,12 +105,12 @@ describe.skipIf(qemuMissing)('qcow2 export: chunk slabs', () => {
 
   it("zeroes a slab's bytes past the chunk, which a consumer can reach through chunk.buffer", async () => {
     // Page-cache reads (direct: false) are unaligned: a 1000-byte vmstate is a
-    // 1024-byte chunk (two clusters) in a 4 KiB slab.
+    // 1024-byte chunk (two clusters) in a slab of one page.
     const path = await work.image({ sizeBytes: 1 * MiB, clusterSize: 512 });
-    await save(path, 'dirty', Buffer.alloc(4096, 0xff));
+    await save(path, 'dirty', Buffer.alloc(PAGE_BYTES, 0xff));
     const data = pseudoRandom(1000, 4);
     await save(path, 'small', data);
-    expect((await chunksOf(path, 'dirty', { direct: false }))[0]!.buffer.byteLength).toBe(4096);
+    expect((await chunksOf(path, 'dirty', { direct: false }))[0]!.buffer.byteLength).toBe(PAGE_BYTES);
     await collectGarbage();
     const before = addon.slabStats();
     const [chunk, ...rest] = await chunksOf(path, 'small', { direct: false });
@@ -117,7 +118,7 @@ describe.skipIf(qemuMissing)('qcow2 export: chunk slabs', () => {
     expect(addon.slabStats().reused - before.reused, 'the dirty slab was used again').toBeGreaterThan(0);
     expect(sha256(chunk!)).toBe(sha256(data));
     const whole = new Uint8Array(chunk!.buffer);
-    expect(whole.length).toBe(4096);
+    expect(whole.length).toBe(PAGE_BYTES);
     expect(whole.subarray(1024).every((byte) => byte === 0)).toBe(true);
   });
 
