@@ -1,0 +1,54 @@
+/**
+ * Where the runtime refuses external buffers (a V8 sandbox, as in Electron),
+ * the addon's allocSlab throws and the export's chunks fall back to zeroed
+ * JS memory (src/io/chunk-slabs.ts). The refusal is simulated by replacing
+ * allocSlab; a refusal is remembered for the process, so this file has a
+ * process of its own (vitest's forks pool). Oracle: the hash of the data saved.
+ */
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createSnapshotStream } from '../../src/index.js';
+import { addon } from '../../src/io/native.js';
+import { openImage } from '../../src/qcow2/image.js';
+import { pseudoRandom, sha256 } from '../helpers/streams.js';
+import { qemuMissing, Workdir } from './fixtures.js';
+
+const MiB = 1024 * 1024;
+
+describe.skipIf(qemuMissing)('qcow2 export: external buffers refused', () => {
+  let work: Workdir;
+  beforeAll(async () => {
+    work = await Workdir.create('qcow2-export-no-slabs');
+  });
+  afterAll(async () => work?.cleanup());
+
+  it('exports byte for byte from JS memory, asking for a slab no more after the refusal', async () => {
+    const path = await work.image({ sizeBytes: 16 * MiB });
+    const data = pseudoRandom(10 * MiB + 777, 5);
+    await pipeline(Readable.from([data], { objectMode: true }), createSnapshotStream(path, { snapshot: 's' }));
+    const original = addon.allocSlab;
+    let asked = 0;
+    addon.allocSlab = () => {
+      asked++;
+      throw new Error('allocSlab: external buffers are not allowed here');
+    };
+    try {
+      for (let round = 0; round < 2; round++) {
+        const img = await openImage(path, { readOnly: true });
+        try {
+          const chunks: Buffer[] = [];
+          for await (const chunk of img.createVmStateReadStream('s')) chunks.push(chunk as Buffer);
+          expect(sha256(Buffer.concat(chunks)), `round ${round}`).toBe(sha256(data));
+          // Not slabs: the chunks are ordinary ArrayBuffers, with their alignment slack.
+          expect(chunks[0]!.buffer.byteLength).toBeGreaterThan(chunks[0]!.length);
+        } finally {
+          await img.close();
+        }
+      }
+      expect(asked).toBe(1);
+    } finally {
+      addon.allocSlab = original;
+    }
+  });
+});
