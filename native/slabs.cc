@@ -120,6 +120,13 @@ void* TakeFree(size_t length, size_t alignment) {
 
 bool IsPowerOfTwo(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+// An Error with a `code` the TypeScript side tells refusals from failures by.
+Napi::Error CodedError(Napi::Env env, const char* message, const char* code) {
+  Napi::Error error = Napi::Error::New(env, message);
+  error.Set("code", Napi::String::New(env, code));
+  return error;
+}
+
 }  // namespace
 
 // allocSlab(length, alignment, hugePageBytes): { buffer, fresh }, an
@@ -148,7 +155,7 @@ Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
   }
   const bool reused = data != nullptr;
   if (data == nullptr) {
-    if (posix_memalign(&data, align, len) != 0) throw Napi::Error::New(env, "allocSlab: out of memory");
+    if (posix_memalign(&data, align, len) != 0) throw CodedError(env, "allocSlab: out of memory", "SLAB_NO_MEMORY");
     if (huge > 0) madvise(data, len, MADV_HUGEPAGE);  // advice: refused, the slab stays in small pages
   }
   {
@@ -163,7 +170,7 @@ Napi::Value AllocSlab(const Napi::CallbackInfo& info) {
     if (status == napi_no_external_buffers_allowed) {
       // Refused before the runtime took the memory (a V8 sandbox): it is still ours.
       ReturnSlab(data);
-      throw Napi::Error::New(env, "allocSlab: external buffers are not allowed here");
+      throw CodedError(env, "allocSlab: external buffers are not allowed here", "SLAB_REFUSED");
     }
     // Whether the runtime kept the memory is unknown: the slab stays live (a
     // leak) rather than risk handing it out twice.

@@ -37,11 +37,13 @@ export function allocSlab(length: number, alignment: number): { view: Uint8Array
   try {
     slab = addon.allocSlab(slabLength, align, huge ? HUGE_PAGE_BYTES : 0);
   } catch (err) {
-    // Our own arguments are checked by the addon: a TypeError or RangeError is a bug, not a refusal.
-    if (err instanceof TypeError || err instanceof RangeError) throw err;
-    // Refused by the runtime (external buffers), or out of memory: JS memory from now on.
-    slabsRefused = true;
-    return undefined;
+    const code = (err as { code?: unknown }).code;
+    // Refused by the runtime (external buffers): JS memory from now on.
+    if (code === 'SLAB_REFUSED') slabsRefused = true;
+    // Out of memory: this chunk tries JS memory, the next a slab again. Anything else
+    // (a TypeError or RangeError of our own arguments) is a bug, not a refusal.
+    if (code === 'SLAB_REFUSED' || code === 'SLAB_NO_MEMORY') return undefined;
+    throw err;
   }
   scheduleTrim();
   if (slabLength > length) new Uint8Array(slab.buffer, length).fill(0);

@@ -94,7 +94,8 @@ interface Addon {
   /**
    * An ArrayBuffer of exactly `length` bytes at a multiple of `alignment`, uninitialised, whose memory
    * goes back to a process-wide free list when V8 collects it (native/slabs.cc); `fresh` when it is new
-   * memory rather than a slab from the free list. Throws where external buffers are refused (a V8 sandbox).
+   * memory rather than a slab from the free list. Throws an Error with code SLAB_REFUSED where external
+   * buffers are refused (a V8 sandbox), SLAB_NO_MEMORY when the memory cannot be had.
    */
   allocSlab(length: number, alignment: number, hugePageBytes: number): { buffer: ArrayBuffer; fresh: boolean };
   /** Frees the free slabs idle at least `idleMs`; returns how many stay free. */
