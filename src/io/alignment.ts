@@ -49,6 +49,11 @@ export function usesHugePages(length: number): boolean {
   return HUGE_PAGE_BYTES > 0 && length >= 2 * HUGE_PAGE_BYTES;
 }
 
+/** Where a buffer of `length` bytes starts: on a huge page when it goes on huge pages, else at `alignment`. */
+export function placementAlignment(length: number, alignment: number): number {
+  return usesHugePages(length) ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment;
+}
+
 /** Filesystems that accept O_DIRECT opens but keep the data in page cache. */
 const PAGE_CACHE_ONLY_FS = new Map<number, string>([
   [0x01021994, 'tmpfs'], // tmpfs gained "trivial" O_DIRECT in Linux 6.6: still page cache
@@ -110,7 +115,7 @@ export function allocAligned(length: number, alignment: number): Uint8Array {
   if (!Number.isSafeInteger(length) || length < 0) throw new RangeError(`Expected a byte length, received ${length}`);
   if (!isPowerOfTwo(alignment)) throw new RangeError(`Expected a power-of-two alignment, received ${alignment}`);
   const huge = usesHugePages(length);
-  const align = huge ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment;
+  const align = placementAlignment(length, alignment);
   // Zeroed: fresh from mmap, the slack around the window stays untouched; memory the allocator
   // hands back from its heap, calloc clears in full (docs/performance.md, seventh round).
   const backing = new ArrayBuffer(length + align);

@@ -9,7 +9,7 @@
  * sandbox), the reader falls back to zeroed JS memory (TargetFile.allocBuffer),
  * as before.
  */
-import { alignUp, HUGE_PAGE_BYTES, usesHugePages } from './alignment.js';
+import { alignUp, HUGE_PAGE_BYTES, placementAlignment, usesHugePages } from './alignment.js';
 import { addon } from './native.js';
 
 /** Free slabs idle this long are given back to the C library. */
@@ -31,7 +31,7 @@ let trimTimer: NodeJS.Timeout | undefined;
 export function allocSlab(length: number, alignment: number): { view: Uint8Array; fresh: boolean } | undefined {
   if (!slabsEnabled || slabsRefused || length <= 0) return undefined;
   const huge = usesHugePages(length);
-  const align = huge ? Math.max(alignment, HUGE_PAGE_BYTES) : alignment;
+  const align = placementAlignment(length, alignment);
   const slabLength = alignUp(length, align);
   let slab: { buffer: ArrayBuffer; fresh: boolean };
   try {

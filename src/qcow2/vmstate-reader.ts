@@ -453,8 +453,8 @@ export class VmStateReadStream extends Readable {
 
   /**
    * Maps a Readable chunk's pages in before its read, on the prefaulter's
-   * thread. Only chunks on huge pages (allocBuffer puts those of two huge
-   * pages or more there): a smaller one is usually memory the allocator
+   * thread. Only chunks on huge pages (slabs and allocBuffer put those of
+   * two huge pages or more there): a smaller one is usually memory the allocator
    * already has mapped, and the hop would cost more than it saves.
    */
   private _prefault(view: Uint8Array): Promise<void> {
